@@ -1,0 +1,331 @@
+use agentd_ebpf::*;
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, map},
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SockAddrContext, SockContext},
+};
+
+// Every map is pinned by name under the daemon's bpffs directory so that the
+// kernel keeps enforcing if the daemon dies, and a restarted daemon finds the
+// same state.
+#[map(name = "AGENTD_AGENTS")]
+static AGENTS: HashMap<u64, AgentEntry> = HashMap::pinned(MAX_AGENTS, 0);
+
+#[map(name = "AGENTD_RULES_V4")]
+static RULES_V4: LpmTrie<Rule4Key, RuleValue> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+#[map(name = "AGENTD_RULES_V6")]
+static RULES_V6: LpmTrie<Rule6Key, RuleValue> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+#[map(name = "AGENTD_PORTS")]
+static PORTS: HashMap<PortBlockKey, PortBlock> = HashMap::pinned(MAX_PORT_BLOCKS, 0);
+
+#[map(name = "AGENTD_COUNTERS")]
+static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::pinned(MAX_AGENTS + 1, 0);
+
+#[map(name = "AGENTD_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// The cgroup hooks' return values.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+#[derive(Clone, Copy)]
+enum Dst {
+    V4(u32),
+    V6([u32; 4]),
+}
+
+struct Decision {
+    agent_id: u32,
+    verdict: u8,
+    reason: u8,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn agentd_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for this hook.
+    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    judge(KIND_CONNECT, Dst::V4(ip), port, proto)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn agentd_connect6(ctx: SockAddrContext) -> i32 {
+    let (dst, port, proto) = read_v6(ctx.sock_addr);
+    judge(KIND_CONNECT, dst, port, proto)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn agentd_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as above.
+    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    judge(KIND_SENDMSG, Dst::V4(ip), port, proto)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn agentd_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let (dst, port, proto) = read_v6(ctx.sock_addr);
+    judge(KIND_SENDMSG, dst, port, proto)
+}
+
+/// Sockets that the connect/sendmsg hooks never see (raw, ICMP "ping",
+/// SCTP, ...) would be a way around the allowlist, so agents may only create
+/// TCP and UDP sockets in the inet families.
+#[cgroup_sock(sock_create)]
+pub fn agentd_sock_create(ctx: SockContext) -> i32 {
+    let sk: *mut bpf_sock = ctx.sock;
+    // SAFETY: the kernel hands us a valid bpf_sock for this hook.
+    let (family, ty, proto) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    if family != AF_INET as u32 && family != AF_INET6 as u32 {
+        return ALLOW;
+    }
+    let tcp_or_udp = (ty == SOCK_STREAM && proto == PROTO_TCP as u32)
+        || (ty == SOCK_DGRAM && proto == PROTO_UDP as u32);
+    if tcp_or_udp {
+        return ALLOW;
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (agent_id, verdict) = match unsafe { AGENTS.get(&cgroup_id) } {
+        Some(a) if a.mode == MODE_AUDIT && a.flags & AGENT_KILLED == 0 => {
+            (a.agent_id, VERDICT_AUDIT)
+        }
+        Some(a) => (a.agent_id, VERDICT_DENY),
+        None => (UNKNOWN_AGENT, VERDICT_DENY),
+    };
+    let d = Decision {
+        agent_id,
+        verdict,
+        reason: REASON_PROTOCOL,
+    };
+    let dst = if family == AF_INET6 as u32 {
+        Dst::V6([0; 4])
+    } else {
+        Dst::V4(0)
+    };
+    record(cgroup_id, &d, KIND_SOCKET, proto as u8, ty as u8, dst, 0);
+    if verdict == VERDICT_DENY { DENY } else { ALLOW }
+}
+
+#[inline(always)]
+fn read_v6(sa: *mut bpf_sock_addr) -> (Dst, u32, u32) {
+    // SAFETY: valid context pointer. user_ip6 must be read as four separate
+    // u32 loads (the verifier rejects wider or narrower accesses).
+    let (a, b, c, d, port, proto) = unsafe {
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+            (*sa).protocol,
+        )
+    };
+    // ::ffff:a.b.c.d is an IPv4 destination and is judged by the IPv4 rules.
+    if a == 0 && b == 0 && c == u32::from_be(0x0000_ffff) {
+        (Dst::V4(d), port, proto)
+    } else {
+        (Dst::V6([a, b, c, d]), port, proto)
+    }
+}
+
+/// Decides one connect or send and records it. Never waits on logging.
+#[inline(always)]
+fn judge(kind: u8, dst: Dst, user_port: u32, proto: u32) -> i32 {
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(user_port as u16);
+    let proto = proto as u8;
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let d = decide(cgroup_id, dst, port, proto);
+    record(cgroup_id, &d, kind, proto, 0, dst, port);
+    if d.verdict == VERDICT_DENY { DENY } else { ALLOW }
+}
+
+#[inline(always)]
+fn decide(cgroup_id: u64, dst: Dst, port: u16, proto: u8) -> Decision {
+    // SAFETY: the value is plain data; updates from userspace replace whole
+    // elements, so we see either the old or the new entry.
+    let Some(agent) = (unsafe { AGENTS.get(&cgroup_id) }) else {
+        // Our programs run for this socket, so it belongs to an agent we no
+        // longer (or not yet) know: fail closed.
+        return Decision {
+            agent_id: UNKNOWN_AGENT,
+            verdict: VERDICT_DENY,
+            reason: REASON_UNKNOWN_AGENT,
+        };
+    };
+    let agent_id = agent.agent_id;
+    if agent.flags & AGENT_KILLED != 0 {
+        return Decision {
+            agent_id,
+            verdict: VERDICT_DENY,
+            reason: REASON_KILLED,
+        };
+    }
+    let allowed = (proto == PROTO_TCP || proto == PROTO_UDP)
+        && rule_allows(agent.policy_id, dst, port, proto);
+    let (verdict, reason) = if allowed {
+        (VERDICT_ALLOW, REASON_RULE)
+    } else if agent.mode == MODE_AUDIT {
+        (VERDICT_AUDIT, REASON_NO_RULE)
+    } else if proto == PROTO_TCP || proto == PROTO_UDP {
+        (VERDICT_DENY, REASON_NO_RULE)
+    } else {
+        (VERDICT_DENY, REASON_PROTOCOL)
+    };
+    Decision {
+        agent_id,
+        verdict,
+        reason,
+    }
+}
+
+/// One trie lookup and at most one hash lookup, whatever the rule count.
+#[inline(always)]
+fn rule_allows(policy_id: u32, dst: Dst, port: u16, proto: u8) -> bool {
+    let policy = policy_id.to_be_bytes();
+    let value = match dst {
+        Dst::V4(ip) => {
+            let key = Key::new(
+                64,
+                Rule4Key {
+                    policy,
+                    addr: ip.to_ne_bytes(),
+                },
+            );
+            RULES_V4.get(&key).copied()
+        }
+        Dst::V6(w) => {
+            let mut addr = [0u8; 16];
+            addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            let key = Key::new(160, Rule6Key { policy, addr });
+            RULES_V6.get(&key).copied()
+        }
+    };
+    let Some(value) = value else {
+        return false;
+    };
+    let (all, some) = if proto == PROTO_TCP {
+        (TCP_ALL_PORTS, TCP_SOME_PORTS)
+    } else {
+        (UDP_ALL_PORTS, UDP_SOME_PORTS)
+    };
+    if value.flags & all != 0 {
+        return true;
+    }
+    if value.flags & some == 0 {
+        return false;
+    }
+    let key = PortBlockKey {
+        policy_id,
+        port_set: value.port_set,
+        proto,
+        _pad: 0,
+        block: port / PORTS_PER_BLOCK as u16,
+    };
+    let Some(block) = (unsafe { PORTS.get(&key) }) else {
+        return false;
+    };
+    let within = port as usize % PORTS_PER_BLOCK as usize;
+    let word = (within / 64) & 7;
+    block.bits[word] & (1u64 << (within % 64)) != 0
+}
+
+#[inline(always)]
+fn proto_index(proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1,
+        _ => 2,
+    }
+}
+
+/// Counts the decision (exact, per CPU) and hands it to the ring buffer. If
+/// the buffer is full the loss is counted; the verdict is unaffected.
+#[inline(always)]
+fn record(cgroup_id: u64, d: &Decision, kind: u8, proto: u8, sock_type: u8, dst: Dst, port: u16) {
+    let slot = if d.agent_id < MAX_AGENTS {
+        d.agent_id
+    } else {
+        UNKNOWN_AGENT
+    };
+    let counters = COUNTERS.get_ptr_mut(slot);
+    if let Some(c) = counters {
+        let i = proto_index(proto);
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            match d.verdict {
+                VERDICT_ALLOW => (*c).allowed[i] += 1,
+                VERDICT_AUDIT => (*c).audited[i] += 1,
+                _ => (*c).denied[i] += 1,
+            }
+        }
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        if let Some(c) = counters {
+            // SAFETY: as above.
+            unsafe { (*c).events_lost += 1 };
+        }
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let mut dst_addr = [0u8; 16];
+    let family = match dst {
+        Dst::V4(ip) => {
+            dst_addr[0..4].copy_from_slice(&ip.to_ne_bytes());
+            AF_INET
+        }
+        Dst::V6(w) => {
+            dst_addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            dst_addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            dst_addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            dst_addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            AF_INET6
+        }
+    };
+    entry.write(Event {
+        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id,
+        agent_id: d.agent_id,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        kind,
+        verdict: d.verdict,
+        reason: d.reason,
+        protocol: proto,
+        family,
+        sock_type,
+        dst_port: port,
+        _pad: [0; 4],
+        dst_addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: eBPF programs cannot panic at run time; the verifier rejects
+    // any path that would reach here.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,106 @@
+//! The CLI side of the control socket. Blocking std I/O on purpose: `agentd
+//! exec` must stay a single-threaded process so that moving its pid into the
+//! agent's cgroup moves all of it.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::de::DeserializeOwned;
+
+use crate::control::{ExecReply, ListReply, Reply, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach agentd at {path}: {source} (is the daemon running? see --socket / AGENTD_SOCKET)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to agentd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("agentd sent a reply this client cannot read: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("agentd refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and decodes the payload of a successful reply.
+pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let reply: Reply = serde_json::from_str(&reply)?;
+    if !reply.ok {
+        return Err(ClientError::Refused(
+            reply.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    Ok(serde_json::from_value(reply.data.unwrap_or_default())?)
+}
+
+pub fn list(socket: &Path) -> Result<ListReply, ClientError> {
+    call(socket, &Request::List)
+}
+
+pub fn ping(socket: &Path) -> Result<serde_json::Value, ClientError> {
+    call(socket, &Request::Ping)
+}
+
+pub fn exec(
+    socket: &Path,
+    agent: &str,
+    user: Option<&str>,
+    argv: &[String],
+) -> Result<ExecReply, ClientError> {
+    call(
+        socket,
+        &Request::Exec {
+            agent: agent.to_owned(),
+            user: user.map(str::to_owned),
+            argv: argv.to_vec(),
+        },
+    )
+}
+
+/// `agentd list` for people.
+pub fn render_list(reply: &ListReply) -> String {
+    let mut out = format!(
+        "{:<24} {:<28} {:<8} {:>6} {:>10} {:>10} {:>10}  {}\n",
+        "AGENT", "OWNER", "MODE", "PROCS", "ALLOWED", "DENIED", "AUDITED", "STATE"
+    );
+    for a in &reply.agents {
+        let mode = match a.mode {
+            crate::config::Mode::Enforce => "enforce",
+            crate::config::Mode::Audit => "audit",
+        };
+        let state = if a.killed {
+            "KILLED"
+        } else if a.enforcing {
+            "active"
+        } else {
+            "NOT ENFORCING"
+        };
+        out.push_str(&format!(
+            "{:<24} {:<28} {:<8} {:>6} {:>10} {:>10} {:>10}  {}\n",
+            a.name, a.owner, mode, a.processes, a.counts.allowed, a.counts.denied, a.counts.audited, state
+        ));
+    }
+    if reply.events_lost > 0 {
+        out.push_str(&format!(
+            "warning: {} audit events lost (ring buffer full); verdicts and counts above are exact\n",
+            reply.events_lost
+        ));
+    }
+    out
+}

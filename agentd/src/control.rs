@@ -1,0 +1,366 @@
+//! The control socket: one JSON request per connection, one JSON reply.
+//! Callers are identified by the kernel (SO_PEERCRED), never by what they say.
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    audit::rfc3339,
+    cgroup,
+    daemon::State,
+    error::{Error, IoContext as _, Result},
+    maps::Counts,
+    sessions::Session,
+};
+
+/// Requests larger than this are refused unread.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// A client that says nothing for this long is dropped.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Ping,
+    List,
+    Exec {
+        agent: String,
+        user: Option<String>,
+        argv: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentSummary {
+    pub name: String,
+    pub owner: String,
+    pub description: String,
+    pub mode: crate::config::Mode,
+    pub cgroup: String,
+    pub processes: usize,
+    pub rules: usize,
+    pub enforcing: bool,
+    pub killed: bool,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListReply {
+    pub agents: Vec<AgentSummary>,
+    /// Decisions whose audit event was lost (ring buffer full), all agents.
+    pub events_lost: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecReply {
+    pub session: String,
+    /// The cgroup (relative to the cgroup v2 mount) the caller was moved into.
+    pub cgroup: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub killed: bool,
+}
+
+/// The envelope of every reply: `ok`, and either `error` or the payload.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Reply {
+    fn ok(data: impl Serialize) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            data: Some(serde_json::to_value(data).unwrap_or_default()),
+        }
+    }
+    fn err(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            data: None,
+        }
+    }
+}
+
+/// Who is asking, from the kernel.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+/// Binds the socket under a temporary name and renames it into place, so
+/// the socket path appears only when the daemon is ready to serve.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("agentd.sock"),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|source| Error::Control {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Root only until roles exist: the control socket holds the switch to
+    // every agent's network.
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("chmod {}", tmp.display()))?;
+    fs::rename(&tmp, path).ctx(|| format!("moving control socket into {}", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, state: Arc<State>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move { handle_connection(stream, state).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on control socket failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(stream: UnixStream, state: Arc<State>) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid().unwrap_or(0) as u32,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials on control connection");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
+    let mut line = Vec::new();
+    let reply = match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await
+    {
+        Err(_) => Reply::err(format!("no request within {READ_TIMEOUT:?}")),
+        Ok(Err(e)) => Reply::err(format!("reading request: {e}")),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
+            Reply::err(format!("request larger than {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Reply::err(format!("malformed request: {e}")),
+            Ok(req) => dispatch(req, peer, &state),
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    let _ = tokio::time::timeout(READ_TIMEOUT, write.write_all(&out)).await;
+}
+
+fn dispatch(req: Request, peer: Peer, state: &State) -> Reply {
+    let action = match &req {
+        Request::Ping => "ping",
+        Request::List => "list",
+        Request::Exec { .. } => "exec",
+    };
+    // Until roles land, only root may use the control socket (it is 0600,
+    // this is the second lock on the same door).
+    if peer.uid != 0 {
+        state.audit.record_now(
+            "control",
+            serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": "only root may control agentd"}),
+        );
+        return Reply::err("permission denied: only root may control agentd");
+    }
+    // An agent must never steer agentd, whatever its uid.
+    if let Some(agent) = caller_agent(state, peer.pid) {
+        state.audit.record_now(
+            "control",
+            serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": format!("caller is inside agent {agent}")}),
+        );
+        return Reply::err(format!("permission denied: the caller runs inside agent {agent:?}"));
+    }
+    match req {
+        Request::Ping => Reply::ok(serde_json::json!({"pong": true})),
+        Request::List => match list(state) {
+            Ok(r) => Reply::ok(r),
+            Err(e) => Reply::err(e.to_string()),
+        },
+        Request::Exec { agent, user, argv } => match exec(state, peer, &agent, user, argv) {
+            Ok(r) => Reply::ok(r),
+            Err(e) => {
+                state.audit.record_now(
+                    "session_refused",
+                    serde_json::json!({"agent": agent, "requested_by_uid": peer.uid, "requested_by_pid": peer.pid, "error": e.to_string()}),
+                );
+                Reply::err(e.to_string())
+            }
+        },
+    }
+}
+
+/// The agent whose cgroup (or a cgroup below it) holds the process, if any.
+fn caller_agent(state: &State, pid: u32) -> Option<String> {
+    let root = state.cgroups.relative(&state.cgroups.root);
+    // Unknown membership is treated as inside: fail closed.
+    let Ok(path) = cgroup::process_cgroup(pid) else {
+        return Some("<unknown: caller's cgroup unreadable>".into());
+    };
+    let rest = path.strip_prefix(&root)?.strip_prefix('/')?;
+    Some(rest.split('/').next().unwrap_or(rest).to_owned())
+}
+
+fn list(state: &State) -> Result<ListReply> {
+    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+    let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::with_capacity(agents.len());
+    for a in agents.iter() {
+        let entry = maps.agent(a.cgroup_id);
+        out.push(AgentSummary {
+            name: a.name.clone(),
+            owner: a.owner.clone(),
+            description: a.description.clone(),
+            mode: a.mode,
+            cgroup: state.cgroups.relative(&a.cgroup_dir),
+            processes: cgroup::processes(&a.cgroup_dir).map(|p| p.len()).unwrap_or(0),
+            rules: a.rules.len(),
+            enforcing: entry.is_some(),
+            killed: entry.is_some_and(|e| e.flags & agentd_ebpf::AGENT_KILLED != 0),
+            counts: maps.counts(a.agent_id)?,
+        });
+    }
+    Ok(ListReply {
+        agents: out,
+        events_lost: maps.total_events_lost()?,
+    })
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+fn exec(
+    state: &State,
+    peer: Peer,
+    agent: &str,
+    user: Option<String>,
+    argv: Vec<String>,
+) -> Result<ExecReply> {
+    if argv.is_empty() {
+        return Err(Error::Refused("no command given".into()));
+    }
+    let (cgroup_dir, killed) = {
+        let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+        let a = agents
+            .iter()
+            .find(|a| a.name == agent)
+            .ok_or_else(|| Error::Refused(format!("unknown agent {agent:?}")))?;
+        let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let killed = maps
+            .agent(a.cgroup_id)
+            .is_none_or(|e| e.flags & agentd_ebpf::AGENT_KILLED != 0);
+        (a.cgroup_dir.clone(), killed)
+    };
+    let (uid, gid, groups, target_user) = match &user {
+        None => (peer.uid, peer.gid, Vec::new(), user_name(peer.uid)),
+        Some(name) => {
+            let u = nix::unistd::User::from_name(name)
+                .map_err(|e| Error::Refused(format!("looking up user {name:?}: {e}")))?
+                .ok_or_else(|| Error::Refused(format!("no such user {name:?}")))?;
+            let cname = std::ffi::CString::new(name.as_str())
+                .map_err(|_| Error::Refused("user name contains NUL".into()))?;
+            let groups = nix::unistd::getgrouplist(&cname, u.gid)
+                .map_err(|e| Error::Refused(format!("groups of {name:?}: {e}")))?;
+            (
+                u.uid.as_raw(),
+                u.gid.as_raw(),
+                groups.into_iter().map(|g| g.as_raw()).collect(),
+                Some(name.clone()),
+            )
+        }
+    };
+    if peer.pid == 0 {
+        return Err(Error::Refused("caller pid unknown".into()));
+    }
+    // The caller becomes the command: move it (every thread) into the agent
+    // before it execs, then confirm with the kernel that it is there.
+    cgroup::move_process(&cgroup_dir, peer.pid)?;
+    let want = state.cgroups.relative(&cgroup_dir);
+    let now = cgroup::process_cgroup(peer.pid)?;
+    if now != want {
+        return Err(Error::Refused(format!(
+            "pid {} is in {now}, not {want}, after the move",
+            peer.pid
+        )));
+    }
+    let mut sessions = state.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    let session = Session {
+        id: sessions.next_id(),
+        agent: agent.to_owned(),
+        pid: peer.pid,
+        requested_by_uid: peer.uid,
+        requested_by_user: user_name(peer.uid),
+        requested_by_pid: peer.pid,
+        target_uid: uid,
+        target_user,
+        command: argv,
+        started: rfc3339(SystemTime::now()),
+    };
+    let owner = {
+        let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+        agents
+            .iter()
+            .find(|a| a.name == agent)
+            .map(|a| a.owner.clone())
+    };
+    state.audit.record_now(
+        "session_start",
+        serde_json::json!({
+            "agent": agent,
+            "owner": owner,
+            "session": session.id,
+            "pid": session.pid,
+            "requested_by_uid": session.requested_by_uid,
+            "requested_by_user": session.requested_by_user,
+            "requested_by_pid": session.requested_by_pid,
+            "target_uid": uid,
+            "target_user": session.target_user,
+            "command": session.command,
+            "killed": killed,
+        }),
+    );
+    let reply = ExecReply {
+        session: session.id.clone(),
+        cgroup: want,
+        uid,
+        gid,
+        groups,
+        killed,
+    };
+    sessions.insert(session);
+    Ok(reply)
+}

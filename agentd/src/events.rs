@@ -1,0 +1,196 @@
+//! The event pipeline: ring buffer -> decoded decision -> audit line.
+//! The kernel's verdict never waits on this; when the buffer is full the
+//! kernel counts the loss and this reports it.
+use std::{
+    mem::size_of,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agentd_ebpf::{
+    Event, KIND_CONNECT, KIND_SENDMSG, KIND_SOCKET, PROTO_TCP, PROTO_UDP, REASON_KILLED,
+    REASON_NO_RULE, REASON_PROTOCOL, REASON_RULE, REASON_UNKNOWN_AGENT, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
+};
+use aya::maps::{MapData, RingBuf};
+use nix::time::{ClockId, clock_gettime};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+use crate::{daemon::State, policy::event_addr};
+
+/// One decision as written to the audit log.
+#[derive(Debug, Serialize)]
+pub struct Decision<'a> {
+    pub agent: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    pub session: Option<String>,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub protocol: String,
+    pub dst_ip: Option<String>,
+    pub dst_port: Option<u16>,
+    /// The config rule that allows this destination (allow verdicts).
+    pub rule: Option<String>,
+    pub cgroup_id: u64,
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        KIND_CONNECT => "connect",
+        KIND_SENDMSG => "send",
+        KIND_SOCKET => "socket",
+        _ => "unknown",
+    }
+}
+
+fn verdict_name(v: u8) -> &'static str {
+    match v {
+        VERDICT_ALLOW => "allow",
+        VERDICT_AUDIT => "audit",
+        VERDICT_DENY => "deny",
+        _ => "unknown",
+    }
+}
+
+fn reason_name(r: u8) -> &'static str {
+    match r {
+        REASON_RULE => "rule",
+        REASON_NO_RULE => "no_rule",
+        REASON_KILLED => "killed",
+        REASON_UNKNOWN_AGENT => "unknown_agent",
+        REASON_PROTOCOL => "protocol",
+        _ => "unknown",
+    }
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        255 => "raw".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Wall-clock time of a `bpf_ktime_get_boot_ns` stamp.
+fn wall_time(boot_ns: u64) -> SystemTime {
+    let now_wall = SystemTime::now();
+    let Ok(now_boot) = clock_gettime(ClockId::CLOCK_BOOTTIME) else {
+        return now_wall;
+    };
+    let now_boot_ns = now_boot.tv_sec() as u64 * 1_000_000_000 + now_boot.tv_nsec() as u64;
+    now_wall - Duration::from_nanos(now_boot_ns.saturating_sub(boot_ns))
+}
+
+fn decode(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: Event is plain #[repr(C)] data and the slice is long enough.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn write_decision(state: &State, ev: &Event) {
+    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+    let agent = agents.iter().find(|a| a.agent_id == ev.agent_id);
+    let addr = event_addr(ev.family, &ev.dst_addr);
+    let is_socket = ev.kind == KIND_SOCKET;
+    let rule = match (agent, ev.verdict) {
+        (Some(a), VERDICT_ALLOW) if !is_socket => a
+            .rules
+            .iter()
+            .find(|r| r.matches(addr, ev.dst_port, ev.protocol == PROTO_TCP))
+            .map(|r| format!("{} (line {})", r.describe(), r.line)),
+        _ => None,
+    };
+    let session = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .session_of(ev.pid);
+    let record = Decision {
+        agent: agent.map(|a| a.name.as_str()),
+        owner: agent.map(|a| a.owner.as_str()),
+        session,
+        verdict: verdict_name(ev.verdict),
+        reason: reason_name(ev.reason),
+        pid: ev.pid,
+        tid: ev.tid,
+        comm: comm(&ev.comm),
+        uid: ev.uid,
+        gid: ev.gid,
+        protocol: protocol_name(ev.protocol),
+        dst_ip: (!is_socket).then(|| addr.to_string()),
+        dst_port: (!is_socket).then_some(ev.dst_port),
+        rule,
+        cgroup_id: ev.cgroup_id,
+    };
+    state
+        .audit
+        .record(wall_time(ev.ts_boot_ns), kind_name(ev.kind), &record);
+}
+
+/// Drains the ring buffer whenever it has data, until the daemon stops.
+pub async fn run(ring: RingBuf<MapData>, state: Arc<State>) {
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
+    // the RingBuf, and always reports that same fd.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the event ring buffer; decisions still enforced, not logged");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "polling the event ring buffer failed");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode(&item) {
+                write_decision(&state, &ev);
+            }
+        }
+        guard.clear_ready();
+        state.audit.flush();
+    }
+}
+
+/// Reports events the kernel could not queue, from its exact counters.
+pub async fn watch_losses(state: Arc<State>) {
+    let mut reported = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let total = {
+            let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.total_events_lost().unwrap_or(reported)
+        };
+        if total > reported {
+            tracing::warn!(lost = total - reported, total, "audit events lost: ring buffer full (verdicts unaffected, counters exact)");
+            state.audit.record_now(
+                "events_lost",
+                serde_json::json!({ "lost": total - reported, "total": total }),
+            );
+            reported = total;
+        }
+    }
+}

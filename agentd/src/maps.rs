@@ -1,0 +1,207 @@
+//! Typed access to the pinned policy maps: the agents map, the rule tries,
+//! the port bitmaps and the decision counters.
+use std::collections::{HashMap as StdHashMap, HashSet};
+
+use agentd_ebpf::{
+    AgentCounters, AgentEntry, MAX_AGENTS, PortBlock, PortBlockKey, Rule4Key, Rule6Key, RuleValue,
+    map_names,
+};
+use aya::{
+    Ebpf,
+    maps::{
+        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
+    util::nr_cpus,
+};
+
+use crate::{
+    error::{Error, Result},
+    policy::MapEntries,
+};
+
+fn map_err(map: &str) -> impl Fn(MapError) -> Error + '_ {
+    move |source| Error::Map {
+        map: map.into(),
+        source,
+    }
+}
+
+pub struct PolicyMaps {
+    agents: HashMap<MapData, u64, AgentEntry>,
+    rules_v4: LpmTrie<MapData, Rule4Key, RuleValue>,
+    rules_v6: LpmTrie<MapData, Rule6Key, RuleValue>,
+    ports: HashMap<MapData, PortBlockKey, PortBlock>,
+    counters: PerCpuArray<MapData, AgentCounters>,
+}
+
+/// Summed decision counts of one agent.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub events_lost: u64,
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of the loaded object; the ring buffer is returned
+    /// separately for the event reader.
+    pub fn take(ebpf: &mut Ebpf) -> Result<(Self, RingBuf<MapData>)> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Refused(format!("map {name} missing from object")))
+        };
+        let agents = HashMap::try_from(take(map_names::AGENTS)?).map_err(map_err(map_names::AGENTS))?;
+        let rules_v4 =
+            LpmTrie::try_from(take(map_names::RULES_V4)?).map_err(map_err(map_names::RULES_V4))?;
+        let rules_v6 =
+            LpmTrie::try_from(take(map_names::RULES_V6)?).map_err(map_err(map_names::RULES_V6))?;
+        let ports = HashMap::try_from(take(map_names::PORTS)?).map_err(map_err(map_names::PORTS))?;
+        let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)
+            .map_err(map_err(map_names::COUNTERS))?;
+        let events = RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?;
+        Ok((
+            Self {
+                agents,
+                rules_v4,
+                rules_v6,
+                ports,
+                counters,
+            },
+            events,
+        ))
+    }
+
+    /// Every agent entry in the kernel, keyed by cgroup id.
+    pub fn agents(&self) -> Result<StdHashMap<u64, AgentEntry>> {
+        self.agents
+            .iter()
+            .map(|r| r.map_err(map_err(map_names::AGENTS)))
+            .collect()
+    }
+
+    pub fn agent(&self, cgroup_id: u64) -> Option<AgentEntry> {
+        self.agents.get(&cgroup_id, 0).ok()
+    }
+
+    /// One map update: the kernel sees the old entry or the new one.
+    pub fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<()> {
+        self.agents
+            .insert(cgroup_id, entry, 0)
+            .map_err(map_err(map_names::AGENTS))
+    }
+
+    pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<()> {
+        match self.agents.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::AGENTS)(e)),
+        }
+    }
+
+    /// Writes one policy generation's entries. Nothing refers to them until
+    /// an agent entry is switched to this generation.
+    pub fn write_generation(&mut self, entries: &MapEntries) -> Result<()> {
+        for (k, v) in &entries.port_blocks {
+            self.ports.insert(k, v, 0).map_err(|e| capacity(map_names::PORTS, e))?;
+        }
+        for (k, v) in &entries.v4 {
+            self.rules_v4.insert(k, v, 0).map_err(|e| capacity(map_names::RULES_V4, e))?;
+        }
+        for (k, v) in &entries.v6 {
+            self.rules_v6.insert(k, v, 0).map_err(|e| capacity(map_names::RULES_V6, e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every rule and port entry of generations not in `live`. Safe
+    /// at any time: no agent entry refers to them.
+    pub fn collect_garbage(&mut self, live: &HashSet<u32>) -> Result<usize> {
+        let dead = |p: [u8; 4]| !live.contains(&u32::from_be_bytes(p));
+        let v4: Vec<Key<Rule4Key>> = self
+            .rules_v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| dead(k.data().policy))
+            .collect();
+        let v6: Vec<Key<Rule6Key>> = self
+            .rules_v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| dead(k.data().policy))
+            .collect();
+        let ports: Vec<PortBlockKey> = self
+            .ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&k.policy_id))
+            .collect();
+        let n = v4.len() + v6.len() + ports.len();
+        for k in &v4 {
+            let _ = self.rules_v4.remove(k);
+        }
+        for k in &v6 {
+            let _ = self.rules_v6.remove(k);
+        }
+        for k in &ports {
+            let _ = self.ports.remove(k);
+        }
+        Ok(n)
+    }
+
+    /// Summed over CPUs and protocols.
+    pub fn counts(&self, agent_id: u32) -> Result<Counts> {
+        let values = self
+            .counters
+            .get(&agent_id, 0)
+            .map_err(map_err(map_names::COUNTERS))?;
+        let mut c = Counts::default();
+        for v in values.iter() {
+            c.allowed += v.allowed.iter().sum::<u64>();
+            c.denied += v.denied.iter().sum::<u64>();
+            c.audited += v.audited.iter().sum::<u64>();
+            c.events_lost += v.events_lost;
+        }
+        Ok(c)
+    }
+
+    /// Events lost across every agent slot.
+    pub fn total_events_lost(&self) -> Result<u64> {
+        let mut lost = 0;
+        for v in self.counters.iter() {
+            let v = v.map_err(map_err(map_names::COUNTERS))?;
+            lost += v.iter().map(|c| c.events_lost).sum::<u64>();
+        }
+        Ok(lost)
+    }
+
+    /// Zeroes an agent slot before it is given to a new agent.
+    pub fn reset_counts(&mut self, agent_id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| Error::Io {
+            context: "counting CPUs".into(),
+            source: e,
+        })?;
+        let zero = PerCpuValues::try_from(vec![AgentCounters::default(); cpus])
+            .map_err(|e| Error::Io {
+                context: "building per-CPU values".into(),
+                source: e,
+            })?;
+        self.counters
+            .set(agent_id, zero, 0)
+            .map_err(map_err(map_names::COUNTERS))
+    }
+}
+
+fn capacity(map: &str, e: MapError) -> Error {
+    match &e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Error::Capacity(format!("map {map} is full"))
+        }
+        _ => map_err(map)(e),
+    }
+}
+
+/// The lowest agent id not in use.
+pub fn free_agent_id(used: &HashSet<u32>) -> Option<u32> {
+    (0..MAX_AGENTS).find(|id| !used.contains(id))
+}
