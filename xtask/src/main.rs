@@ -1,1 +1,169 @@
-fn main() {}
+//! `cargo xtask`: build, run, test and benchmark agentd. Installs what a
+//! fresh machine lacks (rust-src for nightly, bpf-linker) and says so.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+/// The bpf-linker release that works with these machines' nightly LLVM.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites and build the eBPF programs and the daemon.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `agentd daemon` with the example config (needs root).
+    Run {
+        #[arg(long, default_value = "config/agentd.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run every unit and integration test (integration tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks on the real kernel (root), side by side in one run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace root")?;
+    match cli.command {
+        Cmd::Build { release } => {
+            build(release)?;
+        }
+        Cmd::Run { config, release } => {
+            let bin = build(release)?;
+            let err = exec_daemon(&bin, &config);
+            bail!("starting {}: {err}", bin.display());
+        }
+        Cmd::Test { args } => test(&args)?,
+        Cmd::Bench { which } => {
+            let bin = build(true)?;
+            bench::run(which, &bin)?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// rust-src for the nightly toolchain (eBPF builds `core` from source) and
+/// the pinned bpf-linker.
+fn ensure_prerequisites() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is required to build the eBPF programs (rustup toolchain list shows none)")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for nightly (needed to build eBPF programs)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!(
+            "xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {}); takes about two minutes",
+            if linker.is_empty() { "none" } else { linker.trim() }
+        );
+        run(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Builds the daemon (and, through its build script, the eBPF programs).
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    ensure_prerequisites()?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--package", "agentd", "--bin", "agentd"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let bin = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("agentd");
+    Ok(bin)
+}
+
+fn exec_daemon(bin: &Path, config: &Path) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!("xtask: {} daemon --config {}", bin.display(), config.display());
+    Command::new(bin)
+        .args(["daemon", "--config"])
+        .arg(config)
+        .exec()
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let bin = build(false)?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    // SAFETY-free check: integration tests need root and BPF.
+    let root = output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0");
+    if !root {
+        if ci {
+            bail!("integration tests must run as root in CI (they load BPF programs)");
+        }
+        eprintln!("xtask: not root: integration tests will report themselves skipped");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--workspace", "--exclude", "agentd-ebpf"])
+        .args(args)
+        .env("AGENTD_BIN", &bin);
+    run(&mut cmd)
+}

@@ -1,0 +1,286 @@
+//! The agent's side of the integration tests: run inside an agent (through
+//! `agentd exec` or moved into its cgroup), it tries network operations and
+//! prints one JSON line per operation with the result and the errno.
+//!
+//!   agentd-probe once OP ARGS...     one operation
+//!   agentd-probe serve               operations read line by line from stdin
+//!
+//! Operations:
+//!   tcp ADDR                 connect, send "probe", close
+//!   udp ADDR                 unconnected sendto
+//!   udpconn ADDR1 ADDR2      connect to ADDR1 and send, then sendto ADDR2 on the same socket
+//!   tfo ADDR                 TCP Fast Open: sendto(MSG_FASTOPEN) without connect
+//!   sendmmsg ADDR...         one unconnected UDP socket, one sendmmsg with a message per ADDR
+//!   raw                      open a raw ICMP socket
+//!   cgroup                   this process's cgroup v2 path
+//!   id                       uid and gid
+//!   escape CGROUP_DIR        try to move itself into CGROUP_DIR
+//!   child OP ARGS...         run `once OP ARGS...` in a child process and relay its line
+use std::{
+    io::{BufRead as _, Write as _},
+    mem::{size_of, zeroed},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+fn fail(e: std::io::Error) -> Value {
+    json!({"ok": false, "errno": errno_of(&e), "error": e.to_string()})
+}
+
+fn parse(addr: &str) -> Result<SocketAddr, Value> {
+    addr.parse()
+        .map_err(|e| json!({"ok": false, "errno": -1, "error": format!("bad address {addr}: {e}")}))
+}
+
+fn udp_socket_for(addr: &SocketAddr) -> std::io::Result<UdpSocket> {
+    match addr {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0"),
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0"),
+    }
+}
+
+/// A raw sockaddr for libc calls.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn op(args: &[String]) -> Value {
+    let Some((name, rest)) = args.split_first() else {
+        return json!({"ok": false, "errno": -1, "error": "no operation"});
+    };
+    let arg = |i: usize| rest.get(i).map(String::as_str).unwrap_or("");
+    match name.as_str() {
+        "tcp" => {
+            let addr = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(mut s) => {
+                    let _ = s.write_all(b"probe");
+                    json!({"ok": true})
+                }
+                Err(e) => fail(e),
+            }
+        }
+        "udp" => {
+            let addr = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            match udp_socket_for(&addr).and_then(|s| s.send_to(b"probe", addr)) {
+                Ok(_) => json!({"ok": true}),
+                Err(e) => fail(e),
+            }
+        }
+        "udpconn" => {
+            let (a, b) = match (parse(arg(0)), parse(arg(1))) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(v), _) | (_, Err(v)) => return v,
+            };
+            let sock = match udp_socket_for(&a) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let connected = sock.connect(a).and_then(|()| sock.send(b"connected"));
+            let sendto = sock.send_to(b"sendto", b);
+            json!({
+                "ok": connected.is_ok() && sendto.is_ok(),
+                "connect": connected.map(|_| json!({"ok": true})).unwrap_or_else(fail),
+                "sendto": sendto.map(|_| json!({"ok": true})).unwrap_or_else(fail),
+            })
+        }
+        "tfo" => {
+            let addr = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            // SAFETY: plain socket syscalls on a fd we own and close.
+            unsafe {
+                let fd = libc::socket(family, libc::SOCK_STREAM, 0);
+                if fd < 0 {
+                    return fail(std::io::Error::last_os_error());
+                }
+                let (ss, len) = sockaddr(&addr);
+                let msg = b"fastopen";
+                let rc = libc::sendto(
+                    fd,
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    libc::MSG_FASTOPEN,
+                    (&raw const ss).cast(),
+                    len,
+                );
+                let result = if rc < 0 {
+                    fail(std::io::Error::last_os_error())
+                } else {
+                    json!({"ok": true, "sent": rc})
+                };
+                libc::close(fd);
+                result
+            }
+        }
+        "sendmmsg" => {
+            let addrs: Vec<SocketAddr> = match rest.iter().map(|a| parse(a)).collect() {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            let Some(first) = addrs.first() else {
+                return json!({"ok": false, "errno": -1, "error": "no addresses"});
+            };
+            let sock = match udp_socket_for(first) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let mut names: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+                addrs.iter().map(sockaddr).collect();
+            let payloads: Vec<Vec<u8>> = (0..addrs.len())
+                .map(|i| format!("mmsg{i}").into_bytes())
+                .collect();
+            let mut iovs: Vec<libc::iovec> = payloads
+                .iter()
+                .map(|p| libc::iovec {
+                    iov_base: p.as_ptr() as *mut _,
+                    iov_len: p.len(),
+                })
+                .collect();
+            // SAFETY: every pointer refers to a live local buffer above.
+            let mut msgs: Vec<libc::mmsghdr> = (0..addrs.len())
+                .map(|i| {
+                    let mut h: libc::mmsghdr = unsafe { zeroed() };
+                    h.msg_hdr.msg_name = (&raw mut names[i].0).cast();
+                    h.msg_hdr.msg_namelen = names[i].1;
+                    h.msg_hdr.msg_iov = &raw mut iovs[i];
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            // SAFETY: msgs is a valid array of initialised mmsghdr.
+            let rc = unsafe {
+                libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0)
+            };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                json!({"ok": false, "sent": 0, "errno": errno_of(&e), "error": e.to_string()})
+            } else {
+                // sendmmsg stops at the first failing message; ask for the
+                // rest one by one to see that each is refused, not skipped.
+                json!({"ok": true, "sent": rc})
+            }
+        }
+        "raw" => {
+            // SAFETY: plain socket syscall; the fd is closed.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            if fd < 0 {
+                fail(std::io::Error::last_os_error())
+            } else {
+                unsafe { libc::close(fd) };
+                json!({"ok": true})
+            }
+        }
+        "cgroup" => {
+            let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            let path = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("")
+                .to_owned();
+            json!({"ok": true, "cgroup": path})
+        }
+        "id" => {
+            // SAFETY: getters without preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            json!({"ok": true, "uid": uid, "gid": gid})
+        }
+        "escape" => {
+            let target = format!("{}/cgroup.procs", arg(0));
+            match std::fs::write(&target, std::process::id().to_string()) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => fail(e),
+            }
+        }
+        "child" => {
+            let exe = std::env::current_exe().expect("own path");
+            match std::process::Command::new(exe).arg("once").args(rest).output() {
+                Ok(out) => {
+                    let line = String::from_utf8_lossy(&out.stdout);
+                    let mut v: Value = serde_json::from_str(line.trim())
+                        .unwrap_or_else(|_| json!({"ok": false, "errno": -1, "error": "child printed no JSON"}));
+                    v["child_pid"] = json!(std::process::id());
+                    v
+                }
+                Err(e) => fail(e),
+            }
+        }
+        other => json!({"ok": false, "errno": -1, "error": format!("unknown operation {other}")}),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let stdout = std::io::stdout();
+    match args.first().map(String::as_str) {
+        Some("once") => {
+            let v = op(&args[1..]);
+            println!("{v}");
+        }
+        Some("serve") => {
+            let stdin = std::io::stdin();
+            println!("{}", json!({"ok": true, "ready": std::process::id()}));
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+                if words.is_empty() {
+                    continue;
+                }
+                let v = op(&words);
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "{v}");
+                let _ = out.flush();
+            }
+        }
+        _ => {
+            eprintln!("usage: agentd-probe once OP ARGS... | agentd-probe serve");
+            std::process::exit(2);
+        }
+    }
+}
