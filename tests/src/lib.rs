@@ -185,7 +185,15 @@ impl TestEnv {
         if let Some(u) = user {
             args.extend(["--user", u]);
         }
-        args.extend(["--", probe_bin(), "once"]);
+        // A lowered user must be able to reach the binary: use a copy in
+        // this test's world-readable directory, not the build tree (which
+        // may sit under a private home directory).
+        let probe = if user.is_some() {
+            self.public_probe()
+        } else {
+            probe_bin().to_owned()
+        };
+        args.extend(["--", &probe, "once"]);
         args.extend(op);
         let out = self.agentd(&args);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -196,6 +204,17 @@ impl TestEnv {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+
+    fn public_probe(&self) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dst = self.dir.join("agentd-probe");
+        if !dst.exists() {
+            fs::copy(probe_bin(), &dst).expect("copy probe");
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod probe");
+        }
+        dst.to_string_lossy().into_owned()
     }
 
     /// Every audit record so far.
