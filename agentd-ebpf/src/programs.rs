@@ -147,7 +147,11 @@ fn judge(kind: u8, dst: Dst, user_port: u32, proto: u32) -> i32 {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let d = decide(cgroup_id, dst, port, proto);
     record(cgroup_id, &d, kind, proto, 0, dst, port);
-    if d.verdict == VERDICT_DENY { DENY } else { ALLOW }
+    if d.verdict == VERDICT_DENY {
+        DENY
+    } else {
+        ALLOW
+    }
 }
 
 #[inline(always)]

@@ -47,7 +47,8 @@ impl AuditLog {
         let line = Value::Object(obj);
         // A failing disk must not stop enforcement: it is reported and the
         // kernel's counters stay exact.
-        if let Err(e) = serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::from)
+        if let Err(e) = serde_json::to_writer(&mut *out, &line)
+            .map_err(std::io::Error::from)
             .and_then(|()| out.write_all(b"\n"))
         {
             tracing::error!(error = %e, "audit log write failed");

@@ -48,7 +48,8 @@ fn unescape_mountinfo(s: &str) -> String {
 
 /// The cgroup v2 mount of this host.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ctx(|| "reading /proc/self/mountinfo".into())?;
+    let text =
+        fs::read_to_string("/proc/self/mountinfo").ctx(|| "reading /proc/self/mountinfo".into())?;
     find_cgroup2_mount(&text).ok_or(Error::NoCgroup2)
 }
 

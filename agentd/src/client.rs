@@ -14,7 +14,9 @@ use crate::control::{ExecReply, ListReply, Reply, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach agentd at {path}: {source} (is the daemon running? see --socket / AGENTD_SOCKET)")]
+    #[error(
+        "cannot reach agentd at {path}: {source} (is the daemon running? see --socket / AGENTD_SOCKET)"
+    )]
     Connect {
         path: String,
         #[source]
@@ -93,7 +95,14 @@ pub fn render_list(reply: &ListReply) -> String {
         };
         out.push_str(&format!(
             "{:<24} {:<28} {:<8} {:>6} {:>10} {:>10} {:>10}  {}\n",
-            a.name, a.owner, mode, a.processes, a.counts.allowed, a.counts.denied, a.counts.audited, state
+            a.name,
+            a.owner,
+            mode,
+            a.processes,
+            a.counts.allowed,
+            a.counts.denied,
+            a.counts.audited,
+            state
         ));
     }
     if reply.events_lost > 0 {

@@ -395,7 +395,10 @@ fn validate_daemon(d: &DaemonConfig) -> Result<(), (String, String)> {
         ("daemon.bpffs_dir", &d.bpffs_dir),
     ] {
         if !path.is_absolute() {
-            return Err((key.into(), format!("{} must be an absolute path", path.display())));
+            return Err((
+                key.into(),
+                format!("{} must be an absolute path", path.display()),
+            ));
         }
     }
     let root = Path::new(&d.cgroup_root);
@@ -422,7 +425,11 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
         // A bare address is a single host.
         Err(_) => match s.parse::<IpAddr>() {
             Ok(a) => IpNet::from(a),
-            Err(_) => return Err(format!("{s:?} is not a CIDR (e.g. 10.20.0.0/16 or 2001:db8::/32)")),
+            Err(_) => {
+                return Err(format!(
+                    "{s:?} is not a CIDR (e.g. 10.20.0.0/16 or 2001:db8::/32)"
+                ));
+            }
         },
     };
     if net.trunc() != net {

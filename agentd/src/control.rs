@@ -115,7 +115,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp: PathBuf = dir.join(format!(
         ".{}.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("agentd.sock"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("agentd.sock"),
         std::process::id()
     ));
     let _ = fs::remove_file(&tmp);
@@ -199,7 +201,9 @@ fn dispatch(req: Request, peer: Peer, state: &State) -> Reply {
             "control",
             serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": format!("caller is inside agent {agent}")}),
         );
-        return Reply::err(format!("permission denied: the caller runs inside agent {agent:?}"));
+        return Reply::err(format!(
+            "permission denied: the caller runs inside agent {agent:?}"
+        ));
     }
     match req {
         Request::Ping => Reply::ok(serde_json::json!({"pong": true})),
@@ -243,7 +247,9 @@ fn list(state: &State) -> Result<ListReply> {
             description: a.description.clone(),
             mode: a.mode,
             cgroup: state.cgroups.relative(&a.cgroup_dir),
-            processes: cgroup::processes(&a.cgroup_dir).map(|p| p.len()).unwrap_or(0),
+            processes: cgroup::processes(&a.cgroup_dir)
+                .map(|p| p.len())
+                .unwrap_or(0),
             rules: a.rules.len(),
             enforcing: entry.is_some(),
             killed: entry.is_some_and(|e| e.flags & agentd_ebpf::AGENT_KILLED != 0),

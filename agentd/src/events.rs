@@ -147,7 +147,8 @@ fn write_decision(state: &State, ev: &Event) {
 pub async fn run(ring: RingBuf<MapData>, state: Arc<State>) {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
     // the RingBuf, and always reports that same fd.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -185,7 +186,11 @@ pub async fn watch_losses(state: Arc<State>) {
             maps.total_events_lost().unwrap_or(reported)
         };
         if total > reported {
-            tracing::warn!(lost = total - reported, total, "audit events lost: ring buffer full (verdicts unaffected, counters exact)");
+            tracing::warn!(
+                lost = total - reported,
+                total,
+                "audit events lost: ring buffer full (verdicts unaffected, counters exact)"
+            );
             state.audit.record_now(
                 "events_lost",
                 serde_json::json!({ "lost": total - reported, "total": total }),

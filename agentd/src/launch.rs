@@ -10,7 +10,9 @@ use crate::{cgroup, client};
 pub enum LaunchError {
     #[error(transparent)]
     Client(#[from] client::ClientError),
-    #[error("after joining the agent this process is in {actual}, expected {expected}; refusing to run the command")]
+    #[error(
+        "after joining the agent this process is in {actual}, expected {expected}; refusing to run the command"
+    )]
     WrongCgroup { actual: String, expected: String },
     #[error("switching to uid {uid}: {source}")]
     Identity {
@@ -51,7 +53,9 @@ pub fn exec(
         });
     }
     if reply.killed {
-        eprintln!("agentd: warning: agent {agent} is KILLED: the command runs with no network access");
+        eprintln!(
+            "agentd: warning: agent {agent} is KILLED: the command runs with no network access"
+        );
     }
     if user.is_some() {
         let identity = |source| LaunchError::Identity {

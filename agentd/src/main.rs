@@ -6,10 +6,19 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentd", version, about = "Contain AI agents at kernel level: per-agent egress allowlists, audit trail, kill switch")]
+#[command(
+    name = "agentd",
+    version,
+    about = "Contain AI agents at kernel level: per-agent egress allowlists, audit trail, kill switch"
+)]
 struct Cli {
     /// Control socket of the daemon.
-    #[arg(long, global = true, env = "AGENTD_SOCKET", default_value = "/run/agentd/agentd.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTD_SOCKET",
+        default_value = "/run/agentd/agentd.sock"
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -69,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             // The daemon serves where its config says; --socket is for clients.
             let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -9,8 +9,7 @@ use agentd_ebpf::{
 use aya::{
     Ebpf,
     maps::{
-        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
-        lpm_trie::Key,
+        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
     },
     util::nr_cpus,
 };
@@ -52,15 +51,18 @@ impl PolicyMaps {
             ebpf.take_map(name)
                 .ok_or_else(|| Error::Refused(format!("map {name} missing from object")))
         };
-        let agents = HashMap::try_from(take(map_names::AGENTS)?).map_err(map_err(map_names::AGENTS))?;
+        let agents =
+            HashMap::try_from(take(map_names::AGENTS)?).map_err(map_err(map_names::AGENTS))?;
         let rules_v4 =
             LpmTrie::try_from(take(map_names::RULES_V4)?).map_err(map_err(map_names::RULES_V4))?;
         let rules_v6 =
             LpmTrie::try_from(take(map_names::RULES_V6)?).map_err(map_err(map_names::RULES_V6))?;
-        let ports = HashMap::try_from(take(map_names::PORTS)?).map_err(map_err(map_names::PORTS))?;
+        let ports =
+            HashMap::try_from(take(map_names::PORTS)?).map_err(map_err(map_names::PORTS))?;
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)
             .map_err(map_err(map_names::COUNTERS))?;
-        let events = RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?;
+        let events =
+            RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?;
         Ok((
             Self {
                 agents,
@@ -103,13 +105,19 @@ impl PolicyMaps {
     /// an agent entry is switched to this generation.
     pub fn write_generation(&mut self, entries: &MapEntries) -> Result<()> {
         for (k, v) in &entries.port_blocks {
-            self.ports.insert(k, v, 0).map_err(|e| capacity(map_names::PORTS, e))?;
+            self.ports
+                .insert(k, v, 0)
+                .map_err(|e| capacity(map_names::PORTS, e))?;
         }
         for (k, v) in &entries.v4 {
-            self.rules_v4.insert(k, v, 0).map_err(|e| capacity(map_names::RULES_V4, e))?;
+            self.rules_v4
+                .insert(k, v, 0)
+                .map_err(|e| capacity(map_names::RULES_V4, e))?;
         }
         for (k, v) in &entries.v6 {
-            self.rules_v6.insert(k, v, 0).map_err(|e| capacity(map_names::RULES_V6, e))?;
+            self.rules_v6
+                .insert(k, v, 0)
+                .map_err(|e| capacity(map_names::RULES_V6, e))?;
         }
         Ok(())
     }
@@ -181,11 +189,12 @@ impl PolicyMaps {
             context: "counting CPUs".into(),
             source: e,
         })?;
-        let zero = PerCpuValues::try_from(vec![AgentCounters::default(); cpus])
-            .map_err(|e| Error::Io {
+        let zero = PerCpuValues::try_from(vec![AgentCounters::default(); cpus]).map_err(|e| {
+            Error::Io {
                 context: "building per-CPU values".into(),
                 source: e,
-            })?;
+            }
+        })?;
         self.counters
             .set(agent_id, zero, 0)
             .map_err(map_err(map_names::COUNTERS))

@@ -44,7 +44,12 @@ impl Ports {
             (Self::Nothing, x) | (x, Self::Nothing) => x.clone(),
             (Self::Some(a), Self::Some(b)) => {
                 let merged = merge(a.iter().chain(b).copied().collect());
-                if merged == [PortRange { first: 1, last: 65535 }] {
+                if merged
+                    == [PortRange {
+                        first: 1,
+                        last: 65535,
+                    }]
+                {
                     Self::All
                 } else {
                     Self::Some(merged)
@@ -245,9 +250,7 @@ fn port_blocks(
     let mut blocks: std::collections::BTreeMap<u16, PortBlock> = Default::default();
     for r in ranges {
         for port in u32::from(r.first)..=u32::from(r.last) {
-            let block = blocks
-                .entry((port / PORTS_PER_BLOCK) as u16)
-                .or_default();
+            let block = blocks.entry((port / PORTS_PER_BLOCK) as u16).or_default();
             let within = port % PORTS_PER_BLOCK;
             block.bits[(within / 64) as usize] |= 1u64 << (within % 64);
         }

@@ -79,7 +79,11 @@ fn expected_layouts() -> [(&'static str, usize, usize); 6] {
             size_of::<PortBlockKey>(),
             size_of::<PortBlock>(),
         ),
-        (map_names::COUNTERS, size_of::<u32>(), size_of::<AgentCounters>()),
+        (
+            map_names::COUNTERS,
+            size_of::<u32>(),
+            size_of::<AgentCounters>(),
+        ),
         (map_names::EVENTS, 0, 0),
     ]
 }
@@ -119,9 +123,9 @@ pub fn load(bpffs_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(&maps_dir)
         .load(OBJECT)?;
     for hook in HOOKS {
-        let program = ebpf
-            .program_mut(hook.program)
-            .ok_or_else(|| Error::Refused(format!("program {} missing from object", hook.program)))?;
+        let program = ebpf.program_mut(hook.program).ok_or_else(|| {
+            Error::Refused(format!("program {} missing from object", hook.program))
+        })?;
         let result = match program {
             aya::programs::Program::CgroupSockAddr(p) => p.load(),
             aya::programs::Program::CgroupSock(p) => p.load(),
@@ -199,20 +203,31 @@ fn attach_one(ebpf: &mut Ebpf, hook: Hook, cgroup: &fs::File, pin: &Path) -> Res
         aya::programs::Program::CgroupSockAddr(p) => {
             let p: &mut CgroupSockAddr = p;
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            p.take_link(id).map_err(perr)?.try_into().map_err(|e: LinkError| Error::Pin {
-                path: pin.to_owned(),
-                message: e.to_string(),
-            })?
+            p.take_link(id)
+                .map_err(perr)?
+                .try_into()
+                .map_err(|e: LinkError| Error::Pin {
+                    path: pin.to_owned(),
+                    message: e.to_string(),
+                })?
         }
         aya::programs::Program::CgroupSock(p) => {
             let p: &mut CgroupSock = p;
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            p.take_link(id).map_err(perr)?.try_into().map_err(|e: LinkError| Error::Pin {
-                path: pin.to_owned(),
-                message: e.to_string(),
-            })?
+            p.take_link(id)
+                .map_err(perr)?
+                .try_into()
+                .map_err(|e: LinkError| Error::Pin {
+                    path: pin.to_owned(),
+                    message: e.to_string(),
+                })?
         }
-        _ => return Err(Error::Refused(format!("{} has an unexpected type", hook.program))),
+        _ => {
+            return Err(Error::Refused(format!(
+                "{} has an unexpected type",
+                hook.program
+            )));
+        }
     };
     fd_link.pin(pin).map_err(|e| Error::Pin {
         path: pin.to_owned(),
@@ -273,7 +288,8 @@ pub fn attached_programs(cgroup: &fs::File, attach_type: u32) -> Result<Vec<u32>
         )
     };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error()).ctx(|| "BPF_PROG_QUERY on agent cgroup".into());
+        return Err(std::io::Error::last_os_error())
+            .ctx(|| "BPF_PROG_QUERY on agent cgroup".into());
     }
     let n = (attr.prog_cnt as usize).min(ids.len());
     Ok(ids[..n].to_vec())

@@ -277,7 +277,11 @@ pub fn probe_bin() -> &'static str {
         let exe = std::env::current_exe().expect("test executable path");
         let dir = exe.parent().and_then(Path::parent).expect("target dir");
         let probe = dir.join("agentd-probe");
-        assert!(probe.exists(), "{} missing: build the agentd-tests binaries", probe.display());
+        assert!(
+            probe.exists(),
+            "{} missing: build the agentd-tests binaries",
+            probe.display()
+        );
         probe.to_string_lossy().into_owned()
     })
 }

@@ -33,7 +33,13 @@ allow = [
     assert_eq!(allow["dst_ip"], "127.0.0.1");
     assert_eq!(allow["comm"], "agentd-probe");
     assert_eq!(allow["uid"], 0);
-    assert!(allow["rule"].as_str().unwrap().starts_with("127.0.0.1/32 tcp"), "{allow}");
+    assert!(
+        allow["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1/32 tcp"),
+        "{allow}"
+    );
     assert!(allow["session"].as_str().is_some(), "no session on {allow}");
     assert!(allow["ts"].as_str().unwrap().contains('T'));
     assert!(allow["pid"].as_u64().unwrap() > 0);
@@ -78,7 +84,11 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
     assert_ok(&env.probe("trial", &["tcp", &unlisted.addr.to_string()]));
     assert_ok(&env.probe("trial", &["udp", &unlisted_udp.addr.to_string()]));
     assert_eq!(listed.accepted(QUIET).len(), 1);
-    assert_eq!(unlisted.accepted(QUIET).len(), 1, "audit mode must not block");
+    assert_eq!(
+        unlisted.accepted(QUIET).len(),
+        1,
+        "audit mode must not block"
+    );
     assert_eq!(unlisted_udp.received(QUIET).len(), 1);
 
     let r = env.wait_audit("listed", |r| r["dst_port"] == listed.port());

@@ -29,9 +29,15 @@ fn children_and_grandchildren_contained() {
     let v = env.probe("ident", &["child", "child", "cgroup"]);
     assert_eq!(v["cgroup"], want.as_str(), "grandchild left the agent: {v}");
 
-    assert_eperm(&env.probe("ident", &["child", "child", "tcp", &denied.addr.to_string()]));
+    assert_eperm(&env.probe(
+        "ident",
+        &["child", "child", "tcp", &denied.addr.to_string()],
+    ));
     assert!(denied.accepted(QUIET).is_empty());
-    assert_ok(&env.probe("ident", &["child", "child", "tcp", &allowed.addr.to_string()]));
+    assert_ok(&env.probe(
+        "ident",
+        &["child", "child", "tcp", &allowed.addr.to_string()],
+    ));
     assert_eq!(allowed.accepted(QUIET).len(), 1);
 }
 
@@ -52,7 +58,11 @@ fn user_runs_as_that_user_and_cannot_leave_its_cgroup() {
 
     // Moving itself to the root cgroup (or anywhere else) is refused.
     let mount = TestEnv::cgroup_mount();
-    let v = env.probe_as("ident", Some("nobody"), &["escape", mount.to_str().unwrap()]);
+    let v = env.probe_as(
+        "ident",
+        Some("nobody"),
+        &["escape", mount.to_str().unwrap()],
+    );
     assert_eq!(v["ok"], false, "a non-root agent left its cgroup: {v}");
     assert_eperm(&env.probe_as("ident", Some("nobody"), &["tcp", &denied.addr.to_string()]));
     assert!(denied.accepted(QUIET).is_empty());
@@ -92,5 +102,8 @@ fn exec_reports_command_status_and_unknown_agent() {
     assert_eq!(out.status.code(), Some(7));
     let out = env.agentd(&["exec", "--agent", "nope", "--", "true"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown agent"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown agent"),
+        "{out:?}"
+    );
 }

@@ -26,14 +26,20 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
 
     let v = env.probe("erp", &["tcp", &other_port.addr.to_string()]);
     assert_eperm(&v);
-    assert!(other_port.accepted(QUIET).is_empty(), "denied port reached the listener");
+    assert!(
+        other_port.accepted(QUIET).is_empty(),
+        "denied port reached the listener"
+    );
 
     // Same port number on another loopback address: not covered by /32.
     let v = env.probe("erp", &["tcp", &format!("127.0.0.2:{}", allowed.port())]);
     assert_eperm(&v);
     let v = env.probe("erp", &["tcp", &other_addr.addr.to_string()]);
     assert_eperm(&v);
-    assert!(other_addr.accepted(QUIET).is_empty(), "denied address reached the listener");
+    assert!(
+        other_addr.accepted(QUIET).is_empty(),
+        "denied address reached the listener"
+    );
 }
 
 #[test]
@@ -81,10 +87,16 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
     ));
     env.start_daemon();
 
-    assert_ok(&env.probe("mapped", &["tcp", &format!("[::ffff:127.0.0.1]:{}", allowed.port())]));
+    assert_ok(&env.probe(
+        "mapped",
+        &["tcp", &format!("[::ffff:127.0.0.1]:{}", allowed.port())],
+    ));
     assert_eq!(allowed.accepted(QUIET).len(), 1);
 
-    assert_eperm(&env.probe("mapped", &["tcp", &format!("[::ffff:127.0.0.1]:{}", denied.port())]));
+    assert_eperm(&env.probe(
+        "mapped",
+        &["tcp", &format!("[::ffff:127.0.0.1]:{}", denied.port())],
+    ));
     assert!(denied.accepted(QUIET).is_empty());
 }
 
@@ -108,7 +120,10 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}] }} ]
 
     // sendto(MSG_FASTOPEN) connects without connect(): it must be judged too.
     assert_eperm(&env.probe("tfo", &["tfo", &denied.addr.to_string()]));
-    assert!(denied.accepted(QUIET).is_empty(), "fast open reached a denied listener");
+    assert!(
+        denied.accepted(QUIET).is_empty(),
+        "fast open reached a denied listener"
+    );
 
     assert_ok(&env.probe("tfo", &["tfo", &allowed.addr.to_string()]));
     assert_eq!(allowed.accepted(QUIET).len(), 1);
@@ -120,9 +135,7 @@ fn port_ranges() {
         return;
     }
     // Three listeners on consecutive ports, allow a range covering the first two.
-    let sinks: Vec<TcpSink> = (0..200)
-        .map(|_| TcpSink::bind("127.0.0.1:0"))
-        .collect();
+    let sinks: Vec<TcpSink> = (0..200).map(|_| TcpSink::bind("127.0.0.1:0")).collect();
     let mut ports: Vec<u16> = sinks.iter().map(TcpSink::port).collect();
     ports.sort();
     let (lo, hi) = (ports[10], ports[20]);

@@ -49,20 +49,40 @@ fn udp_connected_then_sendto_denied() {
     let mut env = TestEnv::new("udp_connected");
     config(
         &env,
-        &format!(r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "udp" }}"#, allowed.port()),
+        &format!(
+            r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "udp" }}"#,
+            allowed.port()
+        ),
     );
     env.start_daemon();
 
     // A socket connected to an allowed address must not become a way to
     // send anywhere with an explicit destination.
-    let v = env.probe("udp", &["udpconn", &allowed.addr.to_string(), &denied.addr.to_string()]);
+    let v = env.probe(
+        "udp",
+        &[
+            "udpconn",
+            &allowed.addr.to_string(),
+            &denied.addr.to_string(),
+        ],
+    );
     assert_ok(&v["connect"]);
     assert_eperm(&v["sendto"]);
     assert_eq!(allowed.received(QUIET), vec![b"connected".to_vec()]);
-    assert!(denied.received(QUIET).is_empty(), "sendto on a connected socket escaped");
+    assert!(
+        denied.received(QUIET).is_empty(),
+        "sendto on a connected socket escaped"
+    );
 
     // Connecting the UDP socket to a denied address is refused outright.
-    let v = env.probe("udp", &["udpconn", &denied.addr.to_string(), &denied.addr.to_string()]);
+    let v = env.probe(
+        "udp",
+        &[
+            "udpconn",
+            &denied.addr.to_string(),
+            &denied.addr.to_string(),
+        ],
+    );
     assert_eperm(&v["connect"]);
     assert!(denied.received(QUIET).is_empty());
 }
@@ -77,7 +97,10 @@ fn sendmmsg_mixing_allowed_and_denied() {
     let mut env = TestEnv::new("sendmmsg");
     config(
         &env,
-        &format!(r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "udp" }}"#, allowed.port()),
+        &format!(
+            r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "udp" }}"#,
+            allowed.port()
+        ),
     );
     env.start_daemon();
 
@@ -108,7 +131,10 @@ fn tcp_only_rule_refuses_udp() {
     let mut env = TestEnv::new("tcp_only");
     config(
         &env,
-        &format!(r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }}"#, tcp.port()),
+        &format!(
+            r#"{{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }}"#,
+            tcp.port()
+        ),
     );
     env.start_daemon();
 

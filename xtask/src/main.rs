@@ -77,9 +77,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -106,13 +104,23 @@ fn ensure_prerequisites() -> anyhow::Result<()> {
     .context("the nightly toolchain is required to build the eBPF programs (rustup toolchain list shows none)")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for nightly (needed to build eBPF programs)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         eprintln!(
             "xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {}); takes about two minutes",
-            if linker.is_empty() { "none" } else { linker.trim() }
+            if linker.is_empty() {
+                "none"
+            } else {
+                linker.trim()
+            }
         );
         run(Command::new("cargo").args([
             "install",
@@ -143,7 +151,11 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 
 fn exec_daemon(bin: &Path, config: &Path) -> std::io::Error {
     use std::os::unix::process::CommandExt as _;
-    eprintln!("xtask: {} daemon --config {}", bin.display(), config.display());
+    eprintln!(
+        "xtask: {} daemon --config {}",
+        bin.display(),
+        config.display()
+    );
     Command::new(bin)
         .args(["daemon", "--config"])
         .arg(config)

@@ -1,1 +1,198 @@
+use std::path::Path;
+
 use super::*;
+
+const DAEMON_DEFAULTS: &str = "";
+
+fn parse(text: &str) -> Result<Config, Box<ConfigError>> {
+    Config::parse(Path::new("/etc/agentd/agentd.toml"), text)
+}
+
+fn err(text: &str) -> ConfigError {
+    *parse(text).expect_err("config should be refused")
+}
+
+#[test]
+fn issue_example_parses_with_defaults() {
+    let c = parse(
+        r#"
+[[agent]]
+name = "crm-hygiene"
+owner = "maria.lopez@example.com"
+description = "Deduplicates CRM contacts"
+mode = "enforce"
+allow = [
+  { cidr = "10.20.0.0/16", ports = [443, "8000-8100"], protocol = "tcp" },
+  { cidr = "2001:db8::/32", ports = [443] },
+  { cidr = "127.0.0.1/32", ports = [5432], protocol = "tcp" },
+]
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.daemon, DaemonConfig::default());
+    assert_eq!(c.daemon.socket, Path::new("/run/agentd/agentd.sock"));
+    assert_eq!(c.daemon.cgroup_root, "agentd");
+    let a = &c.agents[0];
+    assert_eq!(a.mode, Mode::Enforce);
+    assert_eq!(a.allow.len(), 3);
+    assert_eq!(
+        a.allow[0].ports,
+        Some(vec![
+            PortRange {
+                first: 443,
+                last: 443
+            },
+            PortRange {
+                first: 8000,
+                last: 8100
+            }
+        ])
+    );
+    assert_eq!(a.allow[1].protocol, Protocol::Any);
+    assert_eq!(a.allow[0].line, 8);
+}
+
+#[test]
+fn missing_allow_and_ports_mean_nothing_and_everything() {
+    let c = parse(
+        "[[agent]]\nname = \"a\"\nowner = \"o\"\n\n[[agent]]\nname = \"b\"\nowner = \"o\"\nallow = [ { cidr = \"10.0.0.0/8\" } ]\n",
+    )
+    .unwrap();
+    assert!(c.agents[0].allow.is_empty());
+    assert_eq!(c.agents[0].mode, Mode::Enforce);
+    assert_eq!(c.agents[1].allow[0].ports, None);
+}
+
+#[test]
+fn empty_file_is_valid_with_no_agents() {
+    let c = parse(DAEMON_DEFAULTS).unwrap();
+    assert!(c.agents.is_empty());
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let e = err("[daemon]\nsocket = \"/run/a.sock\"\nsokcet = \"/x\"\n");
+    assert_eq!(e.line, 3, "{e}");
+    assert_eq!(e.key, "sokcet");
+    assert!(
+        e.to_string().starts_with("/etc/agentd/agentd.toml:3:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_rule_key() {
+    let e = err(
+        "[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [ { cidr = \"10.0.0.0/8\", port = 443 } ]\n",
+    );
+    assert_eq!(e.line, 4);
+    assert_eq!(e.key, "port");
+}
+
+#[test]
+fn bad_cidrs() {
+    for (cidr, needle) in [
+        ("10.0.0.0/33", "not a CIDR"),
+        ("300.0.0.0/8", "not a CIDR"),
+        ("crm.example.com", "not a CIDR"),
+        ("10.20.0.1/16", "host bits"),
+        ("2001:db8::1/32", "host bits"),
+    ] {
+        let e = err(&format!(
+            "[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [\n  {{ cidr = \"{cidr}\" }},\n]\n"
+        ));
+        assert_eq!(e.line, 5, "{cidr}: {e}");
+        assert_eq!(e.key, "agent[0].allow[0].cidr");
+        assert!(e.message.contains(needle), "{cidr}: {e}");
+    }
+}
+
+#[test]
+fn bare_address_is_a_single_host() {
+    let c = parse("[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [ { cidr = \"192.0.2.7\" } ]\n")
+        .unwrap();
+    assert_eq!(c.agents[0].allow[0].cidr.to_string(), "192.0.2.7/32");
+}
+
+#[test]
+fn bad_ports() {
+    for (ports, needle) in [
+        ("[0]", "out of range"),
+        ("[65536]", "out of range"),
+        ("[-1]", "out of range"),
+        ("[\"100-90\"]", "reversed"),
+        ("[\"1-70000\"]", "out of range"),
+        ("[\"http\"]", "not a port"),
+        ("[]", "empty port list"),
+    ] {
+        let e = err(&format!(
+            "[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [ {{ cidr = \"10.0.0.0/8\", ports = {ports} }} ]\n"
+        ));
+        assert_eq!(e.key, "agent[0].allow[0].ports", "{ports}: {e}");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains(needle), "{ports}: {e}");
+    }
+}
+
+#[test]
+fn bad_protocol_and_mode() {
+    let e = err(
+        "[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [ { cidr = \"10.0.0.0/8\", protocol = \"icmp\" } ]\n",
+    );
+    assert_eq!(e.line, 4);
+    assert!(e.message.contains("icmp"), "{e}");
+    let e = err("[[agent]]\nname = \"a\"\nowner = \"o\"\nmode = \"permissive\"\n");
+    assert_eq!(e.line, 4);
+}
+
+#[test]
+fn duplicate_names_and_bad_names() {
+    let e = err("[[agent]]\nname = \"a\"\nowner = \"o\"\n[[agent]]\nname = \"a\"\nowner = \"o\"\n");
+    assert_eq!((e.line, e.key.as_str()), (5, "agent[1].name"));
+    assert!(e.message.contains("duplicate"));
+    for bad in [
+        "",
+        "Upper",
+        "-lead",
+        "has_underscore",
+        "dot.ted",
+        &"x".repeat(64),
+    ] {
+        let e = err(&format!("[[agent]]\nname = \"{bad}\"\nowner = \"o\"\n"));
+        assert_eq!(e.key, "agent[0].name", "{bad:?}");
+    }
+    assert!(valid_agent_name(&"x".repeat(63)));
+    assert!(valid_agent_name("0-erp"));
+}
+
+#[test]
+fn missing_or_empty_owner() {
+    let e = err("[[agent]]\nname = \"a\"\n");
+    assert_eq!(e.key, "owner");
+    assert_eq!(e.line, 1);
+    let e = err("[[agent]]\nname = \"a\"\nowner = \"  \"\n");
+    assert_eq!((e.line, e.key.as_str()), (3, "agent[0].owner"));
+}
+
+#[test]
+fn daemon_paths_must_be_absolute_and_cgroup_root_plain() {
+    let e = err("[daemon]\nsocket = \"relative.sock\"\n");
+    assert_eq!(e.key, "daemon.socket");
+    assert_eq!(e.line, 1);
+    for root in ["", "/abs", "../up", "a/../b"] {
+        let e = err(&format!("[daemon]\ncgroup_root = \"{root}\"\n"));
+        assert_eq!(e.key, "daemon.cgroup_root", "{root:?}");
+    }
+    let c = parse("[daemon]\ncgroup_root = \"system.slice/agentd\"\n").unwrap();
+    assert_eq!(c.daemon.cgroup_root, "system.slice/agentd");
+}
+
+#[test]
+fn unreadable_file_names_the_path() {
+    let e = Config::load(Path::new("/nonexistent/agentd.toml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/agentd.toml: cannot read"),
+        "{e}"
+    );
+}

@@ -133,7 +133,11 @@ fn op(args: &[String]) -> Value {
                 Ok(a) => a,
                 Err(v) => return v,
             };
-            let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            let family = if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
             // SAFETY: plain socket syscalls on a fd we own and close.
             unsafe {
                 let fd = libc::socket(family, libc::SOCK_STREAM, 0);
@@ -240,11 +244,16 @@ fn op(args: &[String]) -> Value {
         }
         "child" => {
             let exe = std::env::current_exe().expect("own path");
-            match std::process::Command::new(exe).arg("once").args(rest).output() {
+            match std::process::Command::new(exe)
+                .arg("once")
+                .args(rest)
+                .output()
+            {
                 Ok(out) => {
                     let line = String::from_utf8_lossy(&out.stdout);
-                    let mut v: Value = serde_json::from_str(line.trim())
-                        .unwrap_or_else(|_| json!({"ok": false, "errno": -1, "error": "child printed no JSON"}));
+                    let mut v: Value = serde_json::from_str(line.trim()).unwrap_or_else(
+                        |_| json!({"ok": false, "errno": -1, "error": "child printed no JSON"}),
+                    );
                     v["child_pid"] = json!(std::process::id());
                     v
                 }

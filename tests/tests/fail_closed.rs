@@ -1,0 +1,164 @@
+//! Enforcement lives in the kernel: it holds when the daemon is killed,
+//! a restarted daemon re-adopts it without attaching twice, and teardown
+//! refuses to leave live agents uncontained.
+use std::{fs, path::Path};
+
+use agentd_tests::*;
+
+/// Ids of the programs attached directly to `cgroup` for `attach_type`,
+/// asked of the kernel (BPF_PROG_QUERY).
+fn attached(cgroup: &Path, attach_type: u32) -> Vec<u32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    use std::os::fd::AsRawFd as _;
+    let dir = fs::File::open(cgroup).expect("open cgroup");
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: valid attr prefix; prog_ids points at a live buffer of prog_cnt u32s.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            16, // BPF_PROG_QUERY
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+    ids[..attr.prog_cnt as usize].to_vec()
+}
+
+/// connect4, connect6, sendmsg4, sendmsg6, sock_create.
+const ATTACH_TYPES: [u32; 5] = [10, 11, 14, 15, 2];
+
+#[test]
+fn kill9_keeps_enforcement_and_restart_readopts() {
+    if !require_root("kill9_keeps_enforcement_and_restart_readopts") {
+        return;
+    }
+    let allowed = TcpSink::bind("127.0.0.1:0");
+    let denied = TcpSink::bind("127.0.0.1:0");
+    let denied_udp = UdpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("kill9");
+    env.write_config(&format!(
+        r#"[[agent]]
+name = "sturdy"
+owner = "test@example.com"
+allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
+"#,
+        allowed.port()
+    ));
+    env.start_daemon();
+    let cgroup = env.agent_cgroup("sturdy");
+    let before: Vec<Vec<u32>> = ATTACH_TYPES.iter().map(|t| attached(&cgroup, *t)).collect();
+    assert!(
+        before.iter().all(|ids| ids.len() == 1),
+        "one program per hook: {before:?}"
+    );
+
+    // An agent process that lives through the daemon's death.
+    let mut agent = ProbeProcess::spawn();
+    agent.join(&cgroup);
+    assert_ok(&agent.op(&format!("tcp {}", allowed.addr)));
+    assert_eq!(allowed.accepted(QUIET).len(), 1);
+
+    env.kill9_daemon();
+    assert_eperm(&agent.op(&format!("tcp {}", denied.addr)));
+    assert_eperm(&agent.op(&format!("udp {}", denied_udp.addr)));
+    assert!(denied.accepted(QUIET).is_empty());
+    assert!(denied_udp.received(QUIET).is_empty());
+    assert_ok(&agent.op(&format!("tcp {}", allowed.addr)));
+    assert_eq!(
+        allowed.accepted(QUIET).len(),
+        1,
+        "allowed path must keep working"
+    );
+
+    env.start_daemon();
+    let after: Vec<Vec<u32>> = ATTACH_TYPES.iter().map(|t| attached(&cgroup, *t)).collect();
+    assert_eq!(
+        before, after,
+        "restart must re-adopt the same attachments, not add more"
+    );
+    assert!(
+        env.daemon_log().contains("adopted=1"),
+        "{}",
+        env.daemon_log()
+    );
+    assert_eperm(&agent.op(&format!("tcp {}", denied.addr)));
+    assert!(denied.accepted(QUIET).is_empty());
+
+    // A clean stop keeps enforcement too.
+    env.stop_daemon();
+    assert_eperm(&agent.op(&format!("tcp {}", denied.addr)));
+    assert!(denied.accepted(QUIET).is_empty());
+}
+
+#[test]
+fn teardown_refuses_live_agents_unless_forced() {
+    if !require_root("teardown_refuses_live_agents_unless_forced") {
+        return;
+    }
+    let mut env = TestEnv::new("teardown");
+    env.write_config("[[agent]]\nname = \"busy\"\nowner = \"test@example.com\"\n");
+    env.start_daemon();
+    let cgroup = env.agent_cgroup("busy");
+    let agent = ProbeProcess::spawn();
+    agent.join(&cgroup);
+    let config = env.config.to_str().unwrap().to_owned();
+
+    // Not while the daemon runs.
+    let out = env.agentd(&["teardown", "--config", &config]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("running"),
+        "{out:?}"
+    );
+    env.stop_daemon();
+
+    // Not while an agent process lives.
+    let out = env.agentd(&["teardown", "--config", &config]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&agent.pid.to_string()),
+        "{out:?}"
+    );
+    assert!(
+        env.bpffs_dir.exists() && cgroup.exists(),
+        "refused teardown removed something"
+    );
+
+    let out = env.agentd(&["teardown", "--force", "--config", &config]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!env.bpffs_dir.exists(), "pins left behind");
+    assert!(!cgroup.exists(), "cgroup left behind");
+    assert!(
+        !Path::new(&format!("/proc/{}", agent.pid))
+            .join("cgroup")
+            .exists()
+            || {
+                // The process was killed; its /proc entry may linger as a zombie until reaped.
+                fs::read_to_string(format!("/proc/{}/stat", agent.pid))
+                    .map(|s| s.contains(") Z"))
+                    .unwrap_or(true)
+            }
+    );
+}
