@@ -1,1 +1,196 @@
-fn main() {}
+//! `cargo xtask bench connect`: the cost agentd adds to connect().
+//!
+//! One run, three variants side by side: a process in a plain cgroup with no
+//! programs, an agent with 10 rules, an agent with 100 000 rules. Each
+//! variant is a worker process moved into its cgroup that runs a
+//! connect+close loop against a loopback listener outside every agent.
+//! Rounds are interleaved (A B C A B C ...) so drift hits all variants alike;
+//! the median round per variant is reported with its ratio to uncontained.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use agentd_tests::TestEnv;
+
+const ROUNDS: usize = 9;
+const CONNECTS_PER_ROUND: u32 = 20_000;
+const BIG_RULES: u32 = 100_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("connect") => connect_bench(),
+        Some("worker") => worker(&args[1], args[2].parse().expect("count")),
+        _ => {
+            eprintln!("usage: agentd-bench connect");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs `count` connect+close to `addr` once told to go; prints ns/connect.
+fn worker(addr: &str, count: u32) {
+    let addr: SocketAddr = addr.parse().expect("addr");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).expect("go");
+    let start = Instant::now();
+    for _ in 0..count {
+        let s = TcpStream::connect(addr).expect("connect in benchmark");
+        drop(s);
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(count);
+    println!("{ns}");
+}
+
+/// One worker round inside `cgroup`.
+fn round(cgroup: &Path, addr: SocketAddr) -> f64 {
+    let mut child = Command::new(std::env::current_exe().expect("self"))
+        .args(["worker", &addr.to_string(), &CONNECTS_PER_ROUND.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn worker");
+    // Join the cgroup before the worker creates any socket.
+    fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).expect("join cgroup");
+    writeln!(child.stdin.as_mut().unwrap(), "go").expect("go");
+    let mut out = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut out)
+        .expect("result");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "worker failed in {}", cgroup.display());
+    out.trim().parse().expect("ns per connect")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `count` distinct rules that never match loopback, spread over IPv4 and
+/// IPv6, several prefix lengths and port sets, so the tries are large and deep.
+fn filler_rules(count: u32) -> String {
+    let mut out = String::with_capacity(count as usize * 64);
+    for i in 0..count {
+        let rule = match i % 4 {
+            0 => format!(
+                "  {{ cidr = \"10.{}.{}.0/24\", ports = [443], protocol = \"tcp\" }},\n",
+                (i >> 16) & 0xff,
+                (i >> 8) & 0xff
+            ),
+            1 => format!(
+                "  {{ cidr = \"172.16.{}.{}/32\", ports = [443, \"8000-8100\"] }},\n",
+                (i >> 8) & 0xff,
+                i & 0xff
+            ),
+            2 => format!(
+                "  {{ cidr = \"2001:db8:{:x}:{:x}::/64\", ports = [443] }},\n",
+                i >> 16,
+                i & 0xffff
+            ),
+            _ => format!(
+                "  {{ cidr = \"192.168.{}.{}/32\", ports = [{}], protocol = \"udp\" }},\n",
+                (i >> 8) & 0xff,
+                i & 0xff,
+                1 + i % 60000
+            ),
+        };
+        out.push_str(&rule);
+    }
+    out
+}
+
+fn connect_bench() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the benchmark loads BPF: run as root");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            listener.set_nonblocking(false).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((s, _)) = listener.accept() {
+                    drop(s);
+                }
+            }
+        })
+    };
+
+    let mut env = TestEnv::new("bench_connect");
+    let target = format!(
+        "  {{ cidr = \"127.0.0.1/32\", ports = [{}], protocol = \"tcp\" }},\n",
+        addr.port()
+    );
+    eprintln!("bench: writing a config with {} rules", BIG_RULES + 10);
+    env.write_config(&format!(
+        "[[agent]]\nname = \"ten-rules\"\nowner = \"bench\"\nallow = [\n{}{target}]\n\n\
+         [[agent]]\nname = \"hundred-k-rules\"\nowner = \"bench\"\nallow = [\n{}{target}]\n",
+        filler_rules(9),
+        filler_rules(BIG_RULES - 1)
+    ));
+    let started = Instant::now();
+    env.start_daemon();
+    let setup = started.elapsed();
+
+    // The uncontained variant: a cgroup at the same depth with no programs.
+    let plain = TestEnv::cgroup_mount().join(format!("{}-plain", env.cgroup_root));
+    fs::create_dir_all(&plain).expect("plain cgroup");
+    let _plain_guard = RemoveOnDrop(plain.clone());
+
+    let variants: [(&str, PathBuf); 3] = [
+        ("uncontained", plain.clone()),
+        ("agent, 10 rules", env.agent_cgroup("ten-rules")),
+        ("agent, 100 000 rules", env.agent_cgroup("hundred-k-rules")),
+    ];
+    // Warm up caches and the listener once per variant.
+    for (_, cg) in &variants {
+        round(cg, addr);
+    }
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for r in 0..ROUNDS {
+        for (i, (_, cg)) in variants.iter().enumerate() {
+            results[i].push(round(cg, addr));
+        }
+        eprintln!("bench: round {}/{ROUNDS} done", r + 1);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(addr);
+    let _ = acceptor.join();
+
+    let list = env.agentd(&["list", "--json"]);
+    let lost: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+
+    let base = median(&mut results[0].clone());
+    println!("connect+close to a loopback listener, {CONNECTS_PER_ROUND} per round, {ROUNDS} interleaved rounds, median round:");
+    println!("{:<24} {:>12} {:>10}", "variant", "ns/connect", "ratio");
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let m = median(&mut results[i]);
+        println!("{name:<24} {m:>12.0} {:>10.3}", m / base);
+    }
+    println!(
+        "daemon setup with {} rules: {:.0} ms; audit events lost during the run: {}",
+        BIG_RULES + 10,
+        setup.as_secs_f64() * 1e3,
+        lost["events_lost"]
+    );
+    drop(env);
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
