@@ -153,7 +153,7 @@ pub const AF_INET6: u8 = 10;
 
 /// One decision, as carried by the ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Event {
     /// `bpf_ktime_get_boot_ns` at decision time.
     pub ts_boot_ns: u64,

@@ -279,8 +279,9 @@ impl Config {
 
     /// Parses and validates configuration text; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, Box<ConfigError>> {
+        let lines = LineIndex::new(text);
         let at = |span: Range<usize>, key: &str, message: String| {
-            let (line, column) = line_col(text, span.start);
+            let (line, column) = lines.locate(span.start);
             Box::new(ConfigError {
                 path: path.to_owned(),
                 line,
@@ -358,7 +359,7 @@ impl Config {
                     cidr,
                     ports,
                     protocol: rule.protocol,
-                    line: line_col(text, rule_span.start).0,
+                    line: lines.locate(rule_span.start).0,
                 });
             }
             agents.push(Agent {
@@ -470,13 +471,28 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
     }
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, column)
+/// Byte offset -> 1-based line and column, in O(log lines) per lookup (a
+/// config may hold 100 000 rules).
+struct LineIndex {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.len);
+        let line = self.starts.partition_point(|&s| s <= offset);
+        (line, offset - self.starts[line - 1] + 1)
+    }
 }
 
 /// serde names the offending key in backquotes ("unknown field `foo`",

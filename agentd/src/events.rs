@@ -2,6 +2,7 @@
 //! The kernel's verdict never waits on this; when the buffer is full the
 //! kernel counts the loss and this reports it.
 use std::{
+    collections::HashMap,
     mem::size_of,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -38,6 +39,11 @@ pub struct Decision<'a> {
     /// The config rule that allows this destination (allow verdicts).
     pub rule: Option<String>,
     pub cgroup_id: u64,
+    /// Identical decisions folded into this line (same process, thread,
+    /// destination, verdict), exact; `last_ts` is the last one's time.
+    pub count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_ts: Option<String>,
 }
 
 fn kind_name(kind: u8) -> &'static str {
@@ -103,7 +109,19 @@ fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-fn write_decision(state: &State, ev: &Event) {
+/// What makes two decisions "identical" for folding: everything in the
+/// record except the time.
+fn fold_key(ev: &Event) -> Event {
+    Event {
+        ts_boot_ns: 0,
+        ..*ev
+    }
+}
+
+/// Most events folded per drain; keeps memory bounded under a flood.
+const MAX_BATCH: usize = 65_536;
+
+fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
     let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
     let agent = agents.iter().find(|a| a.agent_id == ev.agent_id);
     let addr = event_addr(ev.family, &ev.dst_addr);
@@ -137,6 +155,8 @@ fn write_decision(state: &State, ev: &Event) {
         dst_port: (!is_socket).then_some(ev.dst_port),
         rule,
         cgroup_id: ev.cgroup_id,
+        count,
+        last_ts: (count > 1).then(|| crate::audit::rfc3339(wall_time(last_boot_ns))),
     };
     state
         .audit
@@ -165,13 +185,38 @@ pub async fn run(ring: RingBuf<MapData>, state: Arc<State>) {
             }
         };
         let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if let Some(ev) = decode(&item) {
-                write_decision(&state, &ev);
+        // Drain what is there, folding identical decisions with exact
+        // counts: under a flood (a connect loop) this is one line per
+        // distinct decision per batch instead of one per call.
+        loop {
+            let mut order: Vec<(Event, u64, u64)> = Vec::new();
+            let mut index: HashMap<Event, usize> = HashMap::new();
+            let mut n = 0;
+            while n < MAX_BATCH {
+                let Some(item) = ring.next() else { break };
+                n += 1;
+                let Some(ev) = decode(&item) else { continue };
+                match index.entry(fold_key(&ev)) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        let slot = &mut order[*e.get()];
+                        slot.1 += 1;
+                        slot.2 = ev.ts_boot_ns;
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(order.len());
+                        order.push((ev, 1, ev.ts_boot_ns));
+                    }
+                }
+            }
+            for (ev, count, last) in &order {
+                write_decision(&state, ev, *count, *last);
+            }
+            state.audit.flush();
+            if n < MAX_BATCH {
+                break;
             }
         }
         guard.clear_ready();
-        state.audit.flush();
     }
 }
 
