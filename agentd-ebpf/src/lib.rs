@@ -155,8 +155,10 @@ pub const AF_INET6: u8 = 10;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Event {
-    /// `bpf_ktime_get_boot_ns` at decision time.
-    pub ts_boot_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) at decision time.
+    /// Not the "fast" clocks: on some VMs (seen on Firecracker) those drift
+    /// from the timekeeper that userspace reads, by minutes.
+    pub ts_ns: u64,
     pub cgroup_id: u64,
     pub agent_id: u32,
     /// Thread group id (the process id userspace sees).

@@ -3,7 +3,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns},
     },
     macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -34,6 +34,13 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 /// The cgroup hooks' return values.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+
+/// bpf_ringbuf_query / bpf_ringbuf_submit flags (UAPI).
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// Wake the daemon once this much is waiting (about 800 events).
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -302,7 +309,7 @@ fn record(cgroup_id: u64, d: &Decision, kind: u8, proto: u8, sock_type: u8, dst:
         }
     };
     entry.write(Event {
-        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ts_ns: unsafe { bpf_ktime_get_coarse_ns() },
         cgroup_id,
         agent_id: d.agent_id,
         pid: (pid_tgid >> 32) as u32,
@@ -320,7 +327,16 @@ fn record(cgroup_id: u64, d: &Decision, kind: u8, proto: u8, sock_type: u8, dst:
         dst_addr,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    entry.submit(0);
+    // Waking the daemon for every event costs more than the event: let
+    // events accumulate (the daemon also drains on a short timer) and wake
+    // it only once a batch is waiting.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let flags = if avail >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }
 
 #[panic_handler]

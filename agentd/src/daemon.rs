@@ -21,7 +21,7 @@ use crate::{
     error::{Error, IoContext as _, Result},
     events,
     maps::{PolicyMaps, free_agent_id},
-    policy::CompiledPolicy,
+    policy::{CompiledPolicy, RuleIndex},
     programs::{self, Attachment},
     sessions::Sessions,
 };
@@ -38,6 +38,8 @@ pub struct AgentRuntime {
     pub description: String,
     pub mode: Mode,
     pub rules: Vec<Rule>,
+    /// Names the rule behind an allow verdict in the audit log.
+    pub rule_index: RuleIndex,
     pub agent_id: u32,
     pub cgroup_id: u64,
     pub cgroup_dir: PathBuf,
@@ -124,6 +126,7 @@ pub async fn run(config: Config) -> Result<()> {
             description: agent.description.clone(),
             mode: agent.mode,
             rules: agent.allow.clone(),
+            rule_index: RuleIndex::new(&agent.allow),
             agent_id,
             cgroup_id,
             cgroup_dir,

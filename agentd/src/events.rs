@@ -86,14 +86,15 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-/// Wall-clock time of a `bpf_ktime_get_boot_ns` stamp.
-fn wall_time(boot_ns: u64) -> SystemTime {
+/// Wall-clock time of a `bpf_ktime_get_coarse_ns` stamp: the event's age on
+/// the same clock, taken from now.
+fn wall_time(mono_ns: u64) -> SystemTime {
     let now_wall = SystemTime::now();
-    let Ok(now_boot) = clock_gettime(ClockId::CLOCK_BOOTTIME) else {
+    let Ok(now) = clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) else {
         return now_wall;
     };
-    let now_boot_ns = now_boot.tv_sec() as u64 * 1_000_000_000 + now_boot.tv_nsec() as u64;
-    now_wall - Duration::from_nanos(now_boot_ns.saturating_sub(boot_ns))
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    now_wall - Duration::from_nanos(now_ns.saturating_sub(mono_ns))
 }
 
 fn decode(bytes: &[u8]) -> Option<Event> {
@@ -112,10 +113,7 @@ fn comm(raw: &[u8; 16]) -> String {
 /// What makes two decisions "identical" for folding: everything in the
 /// record except the time.
 fn fold_key(ev: &Event) -> Event {
-    Event {
-        ts_boot_ns: 0,
-        ..*ev
-    }
+    Event { ts_ns: 0, ..*ev }
 }
 
 /// Most events folded per drain; keeps memory bounded under a flood.
@@ -128,10 +126,9 @@ fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
     let is_socket = ev.kind == KIND_SOCKET;
     let rule = match (agent, ev.verdict) {
         (Some(a), VERDICT_ALLOW) if !is_socket => a
-            .rules
-            .iter()
-            .find(|r| r.matches(addr, ev.dst_port, ev.protocol == PROTO_TCP))
-            .map(|r| format!("{} (line {})", r.describe(), r.line)),
+            .rule_index
+            .find(&a.rules, addr, ev.dst_port, ev.protocol == PROTO_TCP)
+            .map(|i| format!("{} (line {})", a.rules[i].describe(), a.rules[i].line)),
         _ => None,
     };
     let session = state
@@ -160,7 +157,7 @@ fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
     };
     state
         .audit
-        .record(wall_time(ev.ts_boot_ns), kind_name(ev.kind), &record);
+        .record(wall_time(ev.ts_ns), kind_name(ev.kind), &record);
 }
 
 /// Drains the ring buffer whenever it has data, until the daemon stops.
@@ -177,46 +174,58 @@ pub async fn run(ring: RingBuf<MapData>, state: Arc<State>) {
         }
     };
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
+        // The kernel wakes us only once a batch is waiting; the timeout
+        // bounds how long a quiet trickle of events waits for its line.
+        match tokio::time::timeout(DRAIN_INTERVAL, fd.readable_mut()).await {
+            Ok(Ok(mut guard)) => {
+                drain(guard.get_inner_mut(), &state);
+                guard.clear_ready();
+            }
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "polling the event ring buffer failed");
                 return;
             }
-        };
-        let ring = guard.get_inner_mut();
-        // Drain what is there, folding identical decisions with exact
-        // counts: under a flood (a connect loop) this is one line per
-        // distinct decision per batch instead of one per call.
-        loop {
-            let mut order: Vec<(Event, u64, u64)> = Vec::new();
-            let mut index: HashMap<Event, usize> = HashMap::new();
-            let mut n = 0;
-            while n < MAX_BATCH {
-                let Some(item) = ring.next() else { break };
-                n += 1;
-                let Some(ev) = decode(&item) else { continue };
-                match index.entry(fold_key(&ev)) {
-                    std::collections::hash_map::Entry::Occupied(e) => {
-                        let slot = &mut order[*e.get()];
-                        slot.1 += 1;
-                        slot.2 = ev.ts_boot_ns;
-                    }
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(order.len());
-                        order.push((ev, 1, ev.ts_boot_ns));
-                    }
+            Err(_) => drain(fd.get_mut(), &state),
+        }
+    }
+}
+
+/// Longest an event waits in the ring buffer before it is written.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Drains what is there, folding identical decisions with exact counts:
+/// under a flood (a connect loop) this is one line per distinct decision per
+/// batch instead of one per call.
+fn drain(ring: &mut RingBuf<MapData>, state: &State) {
+    loop {
+        let mut order: Vec<(Event, u64, u64)> = Vec::new();
+        let mut index: HashMap<Event, usize> = HashMap::new();
+        let mut n = 0;
+        while n < MAX_BATCH {
+            let Some(item) = ring.next() else { break };
+            n += 1;
+            let Some(ev) = decode(&item) else { continue };
+            match index.entry(fold_key(&ev)) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    let slot = &mut order[*e.get()];
+                    slot.1 += 1;
+                    slot.2 = ev.ts_ns;
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(order.len());
+                    order.push((ev, 1, ev.ts_ns));
                 }
             }
-            for (ev, count, last) in &order {
-                write_decision(&state, ev, *count, *last);
-            }
-            state.audit.flush();
-            if n < MAX_BATCH {
-                break;
-            }
         }
-        guard.clear_ready();
+        for (ev, count, last) in &order {
+            write_decision(state, ev, *count, *last);
+        }
+        if n > 0 {
+            state.audit.flush();
+        }
+        if n < MAX_BATCH {
+            return;
+        }
     }
 }
 

@@ -272,6 +272,53 @@ fn port_blocks(
         .collect()
 }
 
+/// Finds the configured rule behind an allow verdict, for the audit log,
+/// without scanning the rules: one hash probe per distinct prefix length.
+#[derive(Debug, Clone, Default)]
+pub struct RuleIndex {
+    by_prefix: HashMap<IpNet, Vec<usize>>,
+    /// Distinct prefix lengths per family, longest first.
+    v4_lens: Vec<u8>,
+    v6_lens: Vec<u8>,
+}
+
+impl RuleIndex {
+    pub fn new(rules: &[Rule]) -> Self {
+        let mut idx = Self::default();
+        for (i, r) in rules.iter().enumerate() {
+            idx.by_prefix.entry(r.cidr).or_default().push(i);
+            let lens = match r.cidr {
+                IpNet::V4(_) => &mut idx.v4_lens,
+                IpNet::V6(_) => &mut idx.v6_lens,
+            };
+            if !lens.contains(&r.cidr.prefix_len()) {
+                lens.push(r.cidr.prefix_len());
+            }
+        }
+        idx.v4_lens.sort_unstable_by(|a, b| b.cmp(a));
+        idx.v6_lens.sort_unstable_by(|a, b| b.cmp(a));
+        idx
+    }
+
+    /// The most specific rule allowing the destination, as an index into
+    /// the rules the index was built from.
+    pub fn find(&self, rules: &[Rule], addr: IpAddr, port: u16, tcp: bool) -> Option<usize> {
+        let lens = if addr.is_ipv4() {
+            &self.v4_lens
+        } else {
+            &self.v6_lens
+        };
+        lens.iter().find_map(|&len| {
+            let net = IpNet::new(addr, len).ok()?.trunc();
+            self.by_prefix
+                .get(&net)?
+                .iter()
+                .copied()
+                .find(|&i| rules[i].matches(addr, port, tcp))
+        })
+    }
+}
+
 /// Decodes the address of an event (network byte order) into an `IpAddr`.
 pub fn event_addr(family: u8, addr: &[u8; 16]) -> IpAddr {
     if family == agentd_ebpf::AF_INET {

@@ -21,6 +21,7 @@ allow = [
         allowed.port()
     ));
     env.start_daemon();
+    let before = std::time::SystemTime::now();
     assert_ok(&env.probe("crm-hygiene", &["tcp", &allowed.addr.to_string()]));
     assert_eperm(&env.probe("crm-hygiene", &["tcp", &denied.addr.to_string()]));
 
@@ -41,7 +42,18 @@ allow = [
         "{allow}"
     );
     assert!(allow["session"].as_str().is_some(), "no session on {allow}");
-    assert!(allow["ts"].as_str().unwrap().contains('T'));
+    // The kernel's timestamp, converted, is the wall-clock time of the call.
+    let ts = time::OffsetDateTime::parse(
+        allow["ts"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339 ts");
+    let ts = std::time::SystemTime::from(ts);
+    let after = std::time::SystemTime::now();
+    assert!(
+        ts + std::time::Duration::from_millis(50) >= before && ts <= after,
+        "ts {allow} outside the call's window"
+    );
     assert!(allow["pid"].as_u64().unwrap() > 0);
 
     let deny = env.wait_audit("denied connect", port(denied.port()));

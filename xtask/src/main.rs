@@ -36,8 +36,8 @@ enum Cmd {
     },
     /// Build and run every unit and integration test (integration tests need root).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `cargo test` (e.g. `--test tcp_egress`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Benchmarks on the real kernel (root), side by side in one run.

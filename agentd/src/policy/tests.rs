@@ -201,3 +201,25 @@ fn hundred_thousand_rules_compile() {
     assert_eq!(e.v4.len(), 100_000);
     assert_eq!(e.port_blocks.len(), 1);
 }
+
+#[test]
+fn rule_index_finds_the_most_specific_allowing_rule() {
+    let rules = [
+        rule("10.0.0.0/8", Some(&[(443, 443)]), Protocol::Tcp),
+        rule("10.1.0.0/16", Some(&[(80, 80)]), Protocol::Tcp),
+        rule("2001:db8::/32", None, Protocol::Udp),
+    ];
+    let idx = RuleIndex::new(&rules);
+    let a: IpAddr = "10.1.2.3".parse().unwrap();
+    assert_eq!(idx.find(&rules, a, 80, true), Some(1));
+    assert_eq!(idx.find(&rules, a, 443, true), Some(0));
+    assert_eq!(idx.find(&rules, a, 22, true), None);
+    assert_eq!(
+        idx.find(&rules, "2001:db8::9".parse().unwrap(), 53, false),
+        Some(2)
+    );
+    assert_eq!(
+        idx.find(&rules, "2001:db8::9".parse().unwrap(), 53, true),
+        None
+    );
+}

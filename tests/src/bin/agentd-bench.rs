@@ -21,8 +21,8 @@ use std::{
 
 use agentd_tests::TestEnv;
 
-const ROUNDS: usize = 7;
-const CONNECTS_PER_ROUND: u32 = 20_000;
+const ROUNDS: usize = 15;
+const CONNECTS_PER_ROUND: u32 = 10_000;
 const BIG_RULES: u32 = 100_000;
 
 fn main() {
@@ -40,6 +40,7 @@ fn main() {
 /// Runs `count` connect+close to `addr` once told to go; prints ns/connect.
 fn worker(addr: &str, count: u32) {
     let addr: SocketAddr = addr.parse().expect("addr");
+    pin_to_cpu(0);
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).expect("go");
     let start = Instant::now();
@@ -67,6 +68,21 @@ fn worker(addr: &str, count: u32) {
     println!("{ns}");
 }
 
+/// Pins the calling thread: the worker and the acceptor each get a CPU of
+/// their own, so scheduling noise does not swamp a sub-microsecond hook.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % num_cpus(), &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// One worker round inside `cgroup`.
 fn round(cgroup: &Path, addr: SocketAddr) -> f64 {
     let mut child = Command::new(std::env::current_exe().expect("self"))
@@ -87,6 +103,40 @@ fn round(cgroup: &Path, addr: SocketAddr) -> f64 {
     out.trim().parse().expect("ns per connect")
 }
 
+/// Mean run time of the connect4 program per call while each agent's worker
+/// runs, from the kernel's own accounting (`BPF_ENABLE_STATS`).
+fn hook_cost(env: &TestEnv, agents: &[(&str, PathBuf)], addr: SocketAddr) -> Vec<f64> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
+    let pin = env
+        .bpffs_dir
+        .join("links")
+        .join("ten-rules")
+        .join("agentd_connect4");
+    let link: FdLink = PinnedLink::from_pin(&pin)
+        .expect("pinned connect4 link")
+        .into();
+    let prog_id = link.info().expect("link info").program_id();
+    let sample = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == prog_id)
+            .map(|p| (p.run_time().as_nanos() as f64, p.run_count() as f64))
+            .expect("connect4 program loaded")
+    };
+    agents
+        .iter()
+        .map(|(_, cg)| {
+            let (t0, n0) = sample();
+            for _ in 0..ROUNDS {
+                round(cg, addr);
+            }
+            let (t1, n1) = sample();
+            (t1 - t0) / (n1 - n0).max(1.0)
+        })
+        .collect()
+}
+
 /// Median ns/connect per variant over interleaved rounds.
 fn measure(variants: &[(&str, PathBuf)], addr: SocketAddr, phase: &str) -> Vec<f64> {
     // Warm up caches and the listener once per variant.
@@ -95,8 +145,10 @@ fn measure(variants: &[(&str, PathBuf)], addr: SocketAddr, phase: &str) -> Vec<f
     }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for r in 0..ROUNDS {
-        for (i, (_, cg)) in variants.iter().enumerate() {
-            results[i].push(round(cg, addr));
+        // Rotate the order each round so no variant always runs first.
+        for k in 0..variants.len() {
+            let i = (r + k) % variants.len();
+            results[i].push(round(&variants[i].1, addr));
         }
         eprintln!("bench: {phase}: round {}/{ROUNDS}", r + 1);
     }
@@ -158,6 +210,7 @@ fn connect_bench() {
     let acceptor = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            pin_to_cpu(1);
             listener.set_nonblocking(false).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((s, _)) = listener.accept() {
@@ -201,6 +254,9 @@ fn connect_bench() {
     // stays pinned, events fill the ring buffer and are then counted as lost.
     env.kill9_daemon();
     let kernel_only = measure(&variants, addr, "daemon stopped");
+    // Phase 3: the hook itself, timed by the kernel (BPF run-time stats),
+    // one agent at a time so the shared program's figures are that agent's.
+    let hook = hook_cost(&env, &variants[1..], addr);
     stop.store(true, Ordering::Relaxed);
     let _ = TcpStream::connect(addr);
     let _ = acceptor.join();
@@ -221,6 +277,9 @@ fn connect_bench() {
             kernel_only[i],
             kernel_only[i] / kernel_only[0]
         );
+    }
+    for ((name, _), ns) in variants[1..].iter().zip(&hook) {
+        println!("connect4 hook run time, {name}: {ns:.0} ns per call (kernel BPF stats)");
     }
     println!(
         "daemon setup with {} rules: {:.0} ms; audit events lost while the daemon ran: {}",
