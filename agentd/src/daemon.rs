@@ -81,12 +81,12 @@ pub async fn run(config: Config) -> Result<()> {
     // Orphaned generations (a write cut short) would collide with new ids.
     let live: HashSet<u32> = existing.values().map(|e| e.policy_id).collect();
     maps.collect_garbage(&live)?;
-    let mut next_policy = live.iter().copied().max().unwrap_or(DENY_ALL_POLICY) + 1;
+    let first_policy = live.iter().copied().max().unwrap_or(DENY_ALL_POLICY) + 1;
     let mut used_ids: HashSet<u32> = existing.values().map(|e| e.agent_id).collect();
 
     let mut runtimes = Vec::with_capacity(config.agents.len());
     let mut adopted = 0usize;
-    for agent in &config.agents {
+    for (policy_id, agent) in (first_policy..).zip(&config.agents) {
         let cgroup_dir = cgroups.agent_dir(&agent.name);
         let cgroup_id = cgroups.ensure_agent(&agent.name)?;
         let previous = existing.get(&cgroup_id).copied();
@@ -102,8 +102,6 @@ pub async fn run(config: Config) -> Result<()> {
         };
         // Write the new generation beside the live one, then switch the
         // agent to it in one update.
-        let policy_id = next_policy;
-        next_policy += 1;
         let compiled = CompiledPolicy::compile(&agent.allow);
         maps.write_generation(&compiled.entries(policy_id))?;
         maps.set_agent(

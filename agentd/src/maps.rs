@@ -97,6 +97,9 @@ impl PolicyMaps {
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<()> {
         match self.agents.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(map_err(map_names::AGENTS)(e)),
         }
     }

@@ -141,7 +141,7 @@ impl CompiledPolicy {
                 (*net, access)
             })
             .collect();
-        prefixes.sort_by(|a, b| a.0.cmp(&b.0));
+        prefixes.sort_by_key(|p| p.0);
         Self { prefixes }
     }
 

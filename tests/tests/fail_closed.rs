@@ -162,3 +162,63 @@ fn teardown_refuses_live_agents_unless_forced() {
             }
     );
 }
+
+#[test]
+fn restart_with_changed_config_switches_rules_and_contains_removed_agents() {
+    if !require_root("restart_with_changed_config_switches_rules_and_contains_removed_agents") {
+        return;
+    }
+    let first = TcpSink::bind("127.0.0.1:0");
+    let second = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("restart_changed");
+    let agents = |keep: u16, with_old: bool| {
+        let mut s = format!(
+            "[[agent]]\nname = \"kept\"\nowner = \"t@example.com\"\nallow = [ {{ cidr = \"127.0.0.1/32\", ports = [{keep}], protocol = \"tcp\" }} ]\n"
+        );
+        if with_old {
+            s.push_str(&format!(
+                "\n[[agent]]\nname = \"retired\"\nowner = \"t@example.com\"\nallow = [ {{ cidr = \"127.0.0.1/32\", ports = [{}], protocol = \"tcp\" }} ]\n",
+                first.port()
+            ));
+        }
+        s
+    };
+    env.write_config(&agents(first.port(), true));
+    env.start_daemon();
+    let mut kept = ProbeProcess::spawn();
+    kept.join(&env.agent_cgroup("kept"));
+    let mut retired = ProbeProcess::spawn();
+    retired.join(&env.agent_cgroup("retired"));
+    assert_ok(&kept.op(&format!("tcp {}", first.addr)));
+    assert_ok(&retired.op(&format!("tcp {}", first.addr)));
+    assert_eq!(first.accepted(QUIET).len(), 2);
+
+    // New rules for "kept", "retired" gone from the config.
+    env.stop_daemon();
+    env.write_config(&agents(second.port(), false));
+    env.start_daemon();
+
+    assert_eperm(&kept.op(&format!("tcp {}", first.addr)));
+    assert_ok(&kept.op(&format!("tcp {}", second.addr)));
+    // A removed agent that still has processes keeps no access at all.
+    assert_eperm(&retired.op(&format!("tcp {}", first.addr)));
+    assert_eperm(&retired.op(&format!("tcp {}", second.addr)));
+    assert!(first.accepted(QUIET).is_empty());
+    assert_eq!(second.accepted(QUIET).len(), 1);
+    assert!(
+        env.daemon_log()
+            .contains("kept contained with no network access"),
+        "{}",
+        env.daemon_log()
+    );
+
+    // Once its processes are gone, a restart releases it.
+    drop(retired);
+    env.stop_daemon();
+    env.start_daemon();
+    assert!(
+        !env.agent_cgroup("retired").exists(),
+        "empty removed agent not released"
+    );
+    assert!(!env.bpffs_dir.join("links/retired").exists());
+}

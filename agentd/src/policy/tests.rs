@@ -179,7 +179,7 @@ fn longest_match_agrees_with_rule_semantics_on_random_policies() {
                 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff),
             ));
             let port = 1 + (rng.next() % 2800) as u16;
-            let tcp = rng.next() % 2 == 0;
+            let tcp = rng.next().is_multiple_of(2);
             assert_eq!(
                 p.allows(addr, port, tcp),
                 any_rule_allows(&rules, addr, port, tcp),

@@ -7,6 +7,7 @@
 //!
 //! Operations:
 //!   tcp ADDR                 connect, send "probe", close
+//!   tcploop N ADDR           N connects; counts of successes, EPERM and other errors
 //!   udp ADDR                 unconnected sendto
 //!   udpconn ADDR1 ADDR2      connect to ADDR1 and send, then sendto ADDR2 on the same socket
 //!   tfo ADDR                 TCP Fast Open: sendto(MSG_FASTOPEN) without connect
@@ -100,6 +101,22 @@ fn op(args: &[String]) -> Value {
                 }
                 Err(e) => fail(e),
             }
+        }
+        "tcploop" => {
+            let n: u64 = arg(0).parse().unwrap_or(0);
+            let addr = match parse(arg(1)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+            for _ in 0..n {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                }
+            }
+            json!({"ok": true, "attempts": n, "succeeded": ok, "eperm": eperm, "other": other})
         }
         "udp" => {
             let addr = match parse(arg(0)) {
