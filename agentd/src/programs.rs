@@ -199,28 +199,16 @@ fn attach_one(ebpf: &mut Ebpf, hook: Hook, cgroup: &fs::File, pin: &Path) -> Res
     // other tools' programs on the same cgroup keep working and every program
     // must allow a call for it to pass. The kernel rejects explicit flags on
     // link_create, hence `Single` (no flags).
-    let fd_link: FdLink = match program {
+    let fd_link = match program {
         aya::programs::Program::CgroupSockAddr(p) => {
             let p: &mut CgroupSockAddr = p;
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            p.take_link(id)
-                .map_err(perr)?
-                .try_into()
-                .map_err(|e: LinkError| Error::Pin {
-                    path: pin.to_owned(),
-                    message: e.to_string(),
-                })?
+            into_fd_link(p.take_link(id).map_err(perr)?, pin)?
         }
         aya::programs::Program::CgroupSock(p) => {
             let p: &mut CgroupSock = p;
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-            p.take_link(id)
-                .map_err(perr)?
-                .try_into()
-                .map_err(|e: LinkError| Error::Pin {
-                    path: pin.to_owned(),
-                    message: e.to_string(),
-                })?
+            into_fd_link(p.take_link(id).map_err(perr)?, pin)?
         }
         _ => {
             return Err(Error::Refused(format!(
@@ -234,6 +222,17 @@ fn attach_one(ebpf: &mut Ebpf, hook: Hook, cgroup: &fs::File, pin: &Path) -> Res
         message: e.to_string(),
     })?;
     Ok(())
+}
+
+/// The link as a plain fd link, so it can be pinned.
+fn into_fd_link<L>(link: L, pin: &Path) -> Result<FdLink>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| Error::Pin {
+        path: pin.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 fn pinned_program_id(pin: &Path) -> Result<u32> {

@@ -8,42 +8,8 @@ use agentd_tests::*;
 /// Ids of the programs attached directly to `cgroup` for `attach_type`,
 /// asked of the kernel (BPF_PROG_QUERY).
 fn attached(cgroup: &Path, attach_type: u32) -> Vec<u32> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct QueryAttr {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _pad: u32,
-        prog_attach_flags: u64,
-        link_ids: u64,
-        link_attach_flags: u64,
-        revision: u64,
-    }
-    use std::os::fd::AsRawFd as _;
     let dir = fs::File::open(cgroup).expect("open cgroup");
-    let mut ids = [0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
-    };
-    // SAFETY: valid attr prefix; prog_ids points at a live buffer of prog_cnt u32s.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            16, // BPF_PROG_QUERY
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-    ids[..attr.prog_cnt as usize].to_vec()
+    agentd::programs::attached_programs(&dir, attach_type).expect("BPF_PROG_QUERY")
 }
 
 /// connect4, connect6, sendmsg4, sendmsg6, sock_create.
