@@ -34,6 +34,7 @@ pub mod map_names {
     pub const PORTS: &str = "AGENTD_PORTS";
     pub const COUNTERS: &str = "AGENTD_COUNTERS";
     pub const EVENTS: &str = "AGENTD_EVENTS";
+    pub const IDENTITY: &str = "AGENTD_IDENTITY";
 }
 
 /// Agent mode values (`AgentEntry::mode`).

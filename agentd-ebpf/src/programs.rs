@@ -3,7 +3,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns},
+        generated::bpf_ktime_get_coarse_ns,
     },
     macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -30,6 +30,28 @@ static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::pinned(MAX_AGENTS + 1
 
 #[map(name = "AGENTD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// Which agent a running program belongs to. The kernel keeps one value per
+/// cgroup the program is attached to (cgroup local storage), and runs our
+/// programs for a socket because the socket's cgroup is, or is below, an
+/// agent cgroup we attached to: this value is therefore the agent of the
+/// socket's cgroup, not of whichever thread happens to use the socket.
+/// Userspace writes the agent cgroup's id right after attaching; 0 (not yet
+/// written) matches no agent and is denied.
+#[expect(
+    deprecated,
+    reason = "CGRP_STORAGE needs a cgroup pointer these hooks do not have"
+)]
+#[map(name = "AGENTD_IDENTITY")]
+static IDENTITY: aya_ebpf::maps::CgroupStorage<u64> = aya_ebpf::maps::CgroupStorage::pinned();
+
+/// The agent cgroup this program invocation is attached for.
+#[inline(always)]
+fn agent_cgroup() -> u64 {
+    // SAFETY: bpf_get_local_storage always returns valid storage for the
+    // attachment that is running.
+    unsafe { *IDENTITY.get_ptr_mut() }
+}
 
 /// The cgroup hooks' return values.
 const ALLOW: i32 = 1;
@@ -101,7 +123,7 @@ pub fn agentd_sock_create(ctx: SockContext) -> i32 {
     if tcp_or_udp {
         return ALLOW;
     }
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let cgroup_id = agent_cgroup();
     let (agent_id, verdict) = match unsafe { AGENTS.get(&cgroup_id) } {
         Some(a) if a.mode == MODE_AUDIT && a.flags & AGENT_KILLED == 0 => {
             (a.agent_id, VERDICT_AUDIT)
@@ -151,7 +173,7 @@ fn judge(kind: u8, dst: Dst, user_port: u32, proto: u32) -> i32 {
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(user_port as u16);
     let proto = proto as u8;
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let cgroup_id = agent_cgroup();
     let d = decide(cgroup_id, dst, port, proto);
     record(cgroup_id, &d, kind, proto, 0, dst, port);
     if d.verdict == VERDICT_DENY {

@@ -115,6 +115,9 @@ pub async fn run(config: Config) -> Result<()> {
             },
         )?;
         let hooks = programs::attach_or_adopt(&mut ebpf, &bpffs_dir, &agent.name, &cgroup_dir)?;
+        for (hook, _) in &hooks {
+            maps.set_identity(cgroup_id, hook.attach_type)?;
+        }
         if hooks.iter().all(|(_, a)| *a == Attachment::Adopted) {
             adopted += 1;
         }

@@ -32,7 +32,14 @@ pub struct PolicyMaps {
     rules_v6: LpmTrie<MapData, Rule6Key, RuleValue>,
     ports: HashMap<MapData, PortBlockKey, PortBlock>,
     counters: PerCpuArray<MapData, AgentCounters>,
+    identity: IdentityMap,
 }
+
+#[expect(
+    deprecated,
+    reason = "cgroup local storage keyed by the attach cgroup is what identifies an agent in sock_addr hooks"
+)]
+type IdentityMap = aya::maps::CgroupStorage<MapData, u64>;
 
 /// Summed decision counts of one agent.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -63,6 +70,8 @@ impl PolicyMaps {
             .map_err(map_err(map_names::COUNTERS))?;
         let events =
             RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?;
+        let identity = IdentityMap::try_from(take(map_names::IDENTITY)?)
+            .map_err(map_err(map_names::IDENTITY))?;
         Ok((
             Self {
                 agents,
@@ -70,6 +79,7 @@ impl PolicyMaps {
                 rules_v6,
                 ports,
                 counters,
+                identity,
             },
             events,
         ))
@@ -102,6 +112,22 @@ impl PolicyMaps {
             }
             Err(e) => Err(map_err(map_names::AGENTS)(e)),
         }
+    }
+
+    /// Tells the programs attached to `cgroup_id` for `attach_type` which
+    /// agent they serve. Until this is written they deny everything.
+    pub fn set_identity(&mut self, cgroup_id: u64, attach_type: u32) -> Result<()> {
+        let key = aya::maps::cgroup_storage::CgroupStorageKey::new(cgroup_id, attach_type);
+        self.identity
+            .insert(key, cgroup_id, 0)
+            .map_err(map_err(map_names::IDENTITY))
+    }
+
+    /// The agent cgroup the programs attached to `cgroup_id` believe they
+    /// serve, as the kernel holds it.
+    pub fn identity(&self, cgroup_id: u64, attach_type: u32) -> Option<u64> {
+        let key = aya::maps::cgroup_storage::CgroupStorageKey::new(cgroup_id, attach_type);
+        self.identity.get(key, 0).ok()
     }
 
     /// Writes one policy generation's entries. Nothing refers to them until

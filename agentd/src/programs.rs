@@ -60,7 +60,7 @@ pub const HOOKS: [Hook; 5] = [
 ];
 
 /// Expected (key size, value size) of each pinned map.
-fn expected_layouts() -> [(&'static str, usize, usize); 6] {
+fn expected_layouts() -> [(&'static str, usize, usize); 7] {
     use std::mem::size_of;
     [
         (map_names::AGENTS, size_of::<u64>(), size_of::<AgentEntry>()),
@@ -85,6 +85,8 @@ fn expected_layouts() -> [(&'static str, usize, usize); 6] {
             size_of::<AgentCounters>(),
         ),
         (map_names::EVENTS, 0, 0),
+        // struct bpf_cgroup_storage_key { u64 cgroup_inode_id; u32 attach_type; } -> 16
+        (map_names::IDENTITY, 16, size_of::<u64>()),
     ]
 }
 

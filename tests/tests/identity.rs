@@ -107,3 +107,68 @@ fn exec_reports_command_status_and_unknown_agent() {
         "{out:?}"
     );
 }
+
+#[test]
+fn socket_is_judged_by_the_cgroup_it_was_created_in() {
+    if !require_root("socket_is_judged_by_the_cgroup_it_was_created_in") {
+        return;
+    }
+    let for_a = TcpSink::bind("127.0.0.1:0");
+    let for_b = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("socket_cgroup");
+    env.write_config(&format!(
+        r#"[[agent]]
+name = "agent-a"
+owner = "test@example.com"
+allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
+
+[[agent]]
+name = "agent-b"
+owner = "test@example.com"
+allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
+"#,
+        for_a.port(),
+        for_b.port()
+    ));
+    env.start_daemon();
+
+    // A socket made in agent A keeps A's rules after its process moves to B.
+    let mut p = ProbeProcess::spawn();
+    p.join(&env.agent_cgroup("agent-a"));
+    assert_ok(&p.op("hold"));
+    p.join(&env.agent_cgroup("agent-b"));
+    assert_eperm(&p.op(&format!("heldtcp {}", for_b.addr)));
+    assert!(for_b.accepted(QUIET).is_empty());
+    assert_ok(&p.op("hold"));
+    assert_ok(&p.op(&format!("heldtcp {}", for_b.addr)));
+    assert_eq!(for_b.accepted(QUIET).len(), 1);
+
+    assert_ok(&p.op("hold"));
+    p.join(&env.agent_cgroup("agent-a"));
+    assert_ok(&p.op(&format!("heldtcp {}", for_b.addr)));
+    assert_eq!(for_b.accepted(QUIET).len(), 1, "made in B, B's rules apply");
+    assert!(for_a.accepted(QUIET).is_empty());
+}
+
+#[test]
+fn cgroups_below_an_agent_are_the_agent() {
+    if !require_root("cgroups_below_an_agent_are_the_agent") {
+        return;
+    }
+    let allowed = TcpSink::bind("127.0.0.1:0");
+    let denied = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("subcgroup");
+    one_agent(&env, allowed.port());
+    env.start_daemon();
+    // e.g. a service manager inside the agent making its own sub-cgroups.
+    let sub = env.agent_cgroup("ident").join("worker");
+    std::fs::create_dir(&sub).expect("sub-cgroup");
+    let mut p = ProbeProcess::spawn();
+    p.join(&sub);
+    assert_ok(&p.op(&format!("tcp {}", allowed.addr)));
+    assert_eq!(allowed.accepted(QUIET).len(), 1);
+    assert_eperm(&p.op(&format!("tcp {}", denied.addr)));
+    assert!(denied.accepted(QUIET).is_empty());
+    drop(p);
+    let _ = std::fs::remove_dir(&sub);
+}

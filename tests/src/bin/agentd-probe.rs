@@ -7,6 +7,8 @@
 //!
 //! Operations:
 //!   tcp ADDR                 connect, send "probe", close
+//!   hold                     create a TCP socket now and keep it
+//!   heldtcp ADDR             connect the held socket
 //!   tcploop N ADDR           N connects; counts of successes, EPERM and other errors
 //!   udp ADDR                 unconnected sendto
 //!   udpconn ADDR1 ADDR2      connect to ADDR1 and send, then sendto ADDR2 on the same socket
@@ -83,6 +85,11 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
+thread_local! {
+    /// A TCP socket created by `hold`, connected later by `heldtcp`.
+    static HELD: std::cell::Cell<i32> = const { std::cell::Cell::new(-1) };
+}
+
 fn op(args: &[String]) -> Value {
     let Some((name, rest)) = args.split_first() else {
         return json!({"ok": false, "errno": -1, "error": "no operation"});
@@ -117,6 +124,35 @@ fn op(args: &[String]) -> Value {
                 }
             }
             json!({"ok": true, "attempts": n, "succeeded": ok, "eperm": eperm, "other": other})
+        }
+        "hold" => {
+            // SAFETY: plain socket syscall; the fd is kept for `heldtcp`.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                return fail(std::io::Error::last_os_error());
+            }
+            HELD.with(|h| h.set(fd));
+            json!({"ok": true})
+        }
+        "heldtcp" => {
+            let addr = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            let fd = HELD.with(|h| h.replace(-1));
+            if fd < 0 {
+                return json!({"ok": false, "errno": -1, "error": "no held socket"});
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: fd is ours; ss is a valid sockaddr of `len` bytes.
+            let rc = unsafe { libc::connect(fd, (&raw const ss).cast(), len) };
+            let result = if rc < 0 {
+                fail(std::io::Error::last_os_error())
+            } else {
+                json!({"ok": true})
+            };
+            unsafe { libc::close(fd) };
+            result
         }
         "udp" => {
             let addr = match parse(arg(0)) {
