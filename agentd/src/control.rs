@@ -335,6 +335,7 @@ fn exec(
         target_user,
         command: argv,
         started: rfc3339(SystemTime::now()),
+        proc_start: crate::sessions::Sessions::process_start(peer.pid),
     };
     let owner = {
         let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());

@@ -140,12 +140,13 @@ pub async fn run(config: Config) -> Result<()> {
     let live: HashSet<u32> = maps.agents()?.values().map(|e| e.policy_id).collect();
     maps.collect_garbage(&live)?;
 
+    let config_state_dir = config.daemon.state_dir.clone();
     let state = Arc::new(State {
         config,
         cgroups,
         agents: RwLock::new(runtimes),
         maps: Mutex::new(maps),
-        sessions: Mutex::new(Sessions::default()),
+        sessions: Mutex::new(Sessions::load(&config_state_dir)),
         audit,
     });
     let agent_names: Vec<String> = state

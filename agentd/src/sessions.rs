@@ -4,12 +4,14 @@
 use std::{
     collections::HashMap,
     fs,
+    io::Write as _,
+    path::{Path, PathBuf},
     time::{Instant, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
     pub agent: String,
@@ -22,10 +24,16 @@ pub struct Session {
     pub target_user: Option<String>,
     pub command: Vec<String>,
     pub started: String,
+    /// The process's start time (clock ticks since boot, /proc/PID/stat
+    /// field 22): tells a live session's process from a reused pid.
+    #[serde(default)]
+    pub proc_start: u64,
 }
 
 #[derive(Default)]
 pub struct Sessions {
+    /// `state_dir/sessions.jsonl`: sessions survive a daemon restart.
+    file: Option<PathBuf>,
     by_pid: HashMap<u32, Session>,
     /// pid -> session id (or none) found by walking ancestry; bounded and
     /// refreshed because pids are reused.
@@ -38,6 +46,40 @@ const MAX_CACHE: usize = 65_536;
 const MAX_SESSIONS: usize = 65_536;
 
 impl Sessions {
+    /// Loads the sessions whose process still runs (same pid and start
+    /// time) from `state_dir`, and compacts the file to those.
+    pub fn load(state_dir: &Path) -> Self {
+        let path = state_dir.join("sessions.jsonl");
+        let mut me = Self {
+            file: Some(path.clone()),
+            ..Self::default()
+        };
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(s) = serde_json::from_str::<Session>(line) else {
+                continue;
+            };
+            if s.proc_start != 0 && start_time(s.pid) == Some(s.proc_start) {
+                me.by_pid.insert(s.pid, s);
+            }
+        }
+        let kept: String = me
+            .by_pid
+            .values()
+            .filter_map(|s| serde_json::to_string(s).ok())
+            .map(|l| l + "\n")
+            .collect();
+        if let Err(e) = fs::write(&path, kept) {
+            tracing::warn!(error = %e, path = %path.display(), "cannot rewrite session state");
+        }
+        me
+    }
+
+    /// The start time of a live process, for [`Session::proc_start`].
+    pub fn process_start(pid: u32) -> u64 {
+        start_time(pid).unwrap_or(0)
+    }
+
     /// A new session id: time-ordered and unique within this host.
     pub fn next_id(&mut self) -> String {
         self.counter += 1;
@@ -59,6 +101,17 @@ impl Sessions {
                 .retain(|pid, _| fs::metadata(format!("/proc/{pid}")).is_ok());
         }
         self.cache.clear();
+        if let Some(path) = &self.file {
+            let line = serde_json::to_string(&session).unwrap_or_default() + "\n";
+            let appended = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = appended {
+                tracing::warn!(error = %e, path = %path.display(), "cannot persist session");
+            }
+        }
         self.by_pid.insert(session.pid, session);
     }
 
@@ -95,6 +148,14 @@ impl Sessions {
         self.cache.insert(pid, found.clone());
         found
     }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After "(comm)": field 3 is the first; field 22 is the 20th from here.
+    after.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The parent pid from /proc/PID/stat (the field after the `(comm)`).

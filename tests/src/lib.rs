@@ -383,8 +383,27 @@ pub struct ProbeProcess {
 impl ProbeProcess {
     /// Starts a probe outside any agent; move it with [`ProbeProcess::join`].
     pub fn spawn() -> Self {
-        let mut child = Command::new(probe_bin())
-            .arg("serve")
+        let mut cmd = Command::new(probe_bin());
+        cmd.arg("serve");
+        Self::start(cmd)
+    }
+
+    /// Starts a probe inside `agent` through `agentd exec` (a session).
+    pub fn exec(env: &TestEnv, agent: &str) -> Self {
+        let mut cmd = Command::new(agentd_bin());
+        cmd.arg("--socket").arg(&env.socket).args([
+            "exec",
+            "--agent",
+            agent,
+            "--",
+            probe_bin(),
+            "serve",
+        ]);
+        Self::start(cmd)
+    }
+
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

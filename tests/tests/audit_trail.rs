@@ -112,3 +112,30 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
     assert_eq!(r["event"], "send");
     assert_eq!(r["protocol"], "udp");
 }
+
+#[test]
+fn sessions_survive_a_daemon_restart() {
+    if !require_root("sessions_survive_a_daemon_restart") {
+        return;
+    }
+    let sink = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("sessions_restart");
+    env.write_config(&format!(
+        "[[agent]]\nname = \"long\"\nowner = \"o@example.com\"\nallow = [ {{ cidr = \"127.0.0.1/32\", ports = [{}] }} ]\n",
+        sink.port()
+    ));
+    env.start_daemon();
+    let mut agent = ProbeProcess::exec(&env, "long");
+    let started = env.wait_audit("session_start", |r| r["event"] == "session_start");
+    let session = started["session"].as_str().unwrap().to_owned();
+    assert_eq!(
+        started["pid"], agent.pid,
+        "the session's process is the command itself"
+    );
+
+    env.kill9_daemon();
+    env.start_daemon();
+    assert_ok(&agent.op(&format!("tcp {}", sink.addr)));
+    let rec = env.wait_audit("connect after restart", |r| r["event"] == "connect");
+    assert_eq!(rec["session"], session.as_str(), "{rec}");
+}
