@@ -71,6 +71,8 @@ pub async fn run(config: Config) -> Result<()> {
     bpffs::ensure(&bpffs_dir)?;
     std::fs::create_dir_all(&config.daemon.state_dir)
         .ctx(|| format!("creating {}", config.daemon.state_dir.display()))?;
+    // One daemon per state: a second one would fight over maps and socket.
+    let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let audit = AuditLog::open(&config.daemon.audit_log)?;
 
     let mut ebpf = programs::load(&bpffs_dir)?;
@@ -186,9 +188,18 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate()).ctx(|| "installing SIGTERM handler".into())?;
     let mut int = signal(SignalKind::interrupt()).ctx(|| "installing SIGINT handler".into())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).ctx(|| "installing SIGHUP handler".into())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            // SIGHUP must not kill the daemon (its default action). Live
+            // reload is not implemented yet; say so instead of pretending.
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP: live reload is not supported yet; restart agentd to apply a new config \
+                 (enforcement is kept across restarts)"
+            ),
+        }
     }
     let _ = std::fs::remove_file(&socket);
     state.audit.record_now(
@@ -200,6 +211,23 @@ pub async fn run(config: Config) -> Result<()> {
     // them attached.
     drop(ebpf);
     Ok(())
+}
+
+/// Takes an exclusive lock on `state_dir/agentd.lock` for the daemon's life.
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("agentd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ctx(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        Error::Refused(format!(
+            "another agentd daemon holds {} ({e}); refusing to start a second one",
+            path.display()
+        ))
+    })
 }
 
 /// Agents that are pinned but no longer configured: released when their

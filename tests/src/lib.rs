@@ -160,6 +160,10 @@ impl TestEnv {
         let _ = fs::remove_file(&self.socket);
     }
 
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     pub fn daemon_log(&self) -> String {
         fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }

@@ -188,3 +188,32 @@ fn restart_with_changed_config_switches_rules_and_contains_removed_agents() {
     );
     assert!(!env.bpffs_dir.join("links/retired").exists());
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_is_refused() {
+    if !require_root("a_second_daemon_on_the_same_state_is_refused") {
+        return;
+    }
+    let mut env = TestEnv::new("second_daemon");
+    env.write_config("[[agent]]\nname = \"one\"\nowner = \"o@example.com\"\n");
+    env.start_daemon();
+    let out = std::process::Command::new(agentd_bin())
+        .args(["daemon", "--config", env.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another agentd daemon"),
+        "{out:?}"
+    );
+    // The first one still serves, and SIGHUP does not kill it.
+    let pid = env.daemon_pid().expect("daemon running");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        env.agentd(&["list"]).status.success(),
+        "daemon died: {}",
+        env.daemon_log()
+    );
+}

@@ -33,6 +33,13 @@ fn udp_sendto_allowed_and_denied_address() {
     assert_eperm(&env.probe("udp", &["udp", &denied.addr.to_string()]));
     assert!(denied.received(QUIET).is_empty());
 
+    // IPv4-mapped IPv6 from an IPv6 socket is judged by the IPv4 rules.
+    let mapped = |p: u16| format!("[::ffff:127.0.0.1]:{p}");
+    assert_ok(&env.probe("udp", &["udp", &mapped(allowed.port())]));
+    assert_eq!(allowed.received(QUIET).len(), 1);
+    assert_eperm(&env.probe("udp", &["udp", &mapped(denied.port())]));
+    assert!(denied.received(QUIET).is_empty());
+
     assert_ok(&env.probe("udp", &["udp", &allowed6.addr.to_string()]));
     assert_eq!(allowed6.received(QUIET).len(), 1);
     assert_eperm(&env.probe("udp", &["udp", &denied6.addr.to_string()]));
