@@ -8,7 +8,7 @@
 
 /// Bumped whenever a layout below changes. The daemon refuses to adopt pinned
 /// maps written with another version instead of misreading them.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Agents are numbered densely from 0; the counters array has one slot per
 /// agent plus [`UNKNOWN_AGENT`].
@@ -130,6 +130,8 @@ pub struct AgentCounters {
     pub audited: [u64; 3],
     /// Decisions whose event did not fit in the ring buffer.
     pub events_lost: u64,
+    /// Packets of the agent's sockets dropped while it is killed (both ways).
+    pub packets_dropped: u64,
 }
 
 /// Which hook made the decision.
@@ -209,6 +211,6 @@ const _: () = {
     assert!(core::mem::size_of::<RuleValue>() == 8);
     assert!(core::mem::size_of::<PortBlockKey>() == 12);
     assert!(core::mem::size_of::<PortBlock>() == 64);
-    assert!(core::mem::size_of::<AgentCounters>() == 80);
+    assert!(core::mem::size_of::<AgentCounters>() == 88);
     assert!(core::mem::size_of::<Event>() == 80);
 };

@@ -5,9 +5,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::bpf_ktime_get_coarse_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 
 // Every map is pinned by name under the daemon's bpffs directory so that the
@@ -143,6 +143,43 @@ pub fn agentd_sock_create(ctx: SockContext) -> i32 {
     };
     record(cgroup_id, &d, KIND_SOCKET, proto as u8, ty as u8, dst, 0);
     if verdict == VERDICT_DENY { DENY } else { ALLOW }
+}
+
+/// The kill switch's per-packet half: while an agent is killed, every packet
+/// to or from its sockets is dropped, so nothing crosses on a connection
+/// that was established before the switch was pulled. When the agent is not
+/// killed this is one storage read and one hash lookup per packet.
+#[cgroup_skb(egress)]
+pub fn agentd_egress(_ctx: SkBuffContext) -> i32 {
+    pass_unless_killed()
+}
+
+#[cgroup_skb(ingress)]
+pub fn agentd_ingress(_ctx: SkBuffContext) -> i32 {
+    pass_unless_killed()
+}
+
+#[inline(always)]
+fn pass_unless_killed() -> i32 {
+    // SAFETY: plain data, replaced whole by userspace.
+    let Some(agent) = (unsafe { AGENTS.get(&agent_cgroup()) }) else {
+        // No identity yet or no longer an agent: connects and sends are
+        // refused by the other hooks; there is no kill to enforce here.
+        return ALLOW;
+    };
+    if agent.flags & AGENT_KILLED == 0 {
+        return ALLOW;
+    }
+    let slot = if agent.agent_id < MAX_AGENTS {
+        agent.agent_id
+    } else {
+        UNKNOWN_AGENT
+    };
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { (*c).packets_dropped += 1 };
+    }
+    DENY
 }
 
 #[inline(always)]

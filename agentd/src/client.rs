@@ -75,6 +75,64 @@ pub fn exec(
     )
 }
 
+/// Pulls or lifts the kill switch.
+pub fn switch(
+    socket: &Path,
+    kill: bool,
+    agents: Vec<String>,
+    all: bool,
+    reason: &str,
+) -> Result<Vec<crate::kill::SwitchOutcome>, ClientError> {
+    let reason = reason.to_owned();
+    let req = if kill {
+        Request::Kill {
+            agents,
+            all,
+            reason,
+        }
+    } else {
+        Request::Restore {
+            agents,
+            all,
+            reason,
+        }
+    };
+    call(socket, &req)
+}
+
+/// `agentd kill` / `agentd restore` for people.
+pub fn render_switch(
+    kill: bool,
+    outcomes: &[crate::kill::SwitchOutcome],
+    round_trip_us: f64,
+) -> String {
+    let mut out = String::new();
+    for o in outcomes {
+        if o.unchanged {
+            out.push_str(&format!(
+                "{}: already {}; nothing changed\n",
+                o.agent,
+                if kill { "killed" } else { "active" }
+            ));
+        } else if kill {
+            out.push_str(&format!(
+                "{}: KILLED. Kernel state flipped {:.0} µs after the request, recorded {:.0} µs after it.\n\
+                 \x20 new connects and sends: refused (EPERM); packets of established connections: dropped both ways\n\
+                 \x20 sockets reset: none (active reset of established connections is not implemented yet)\n\
+                 \x20 processes: {} left running for inspection\n",
+                o.agent, o.flip_us, o.total_us, o.processes
+            ));
+        } else {
+            out.push_str(&format!(
+                "{}: restored; its allowlist applies again ({:.0} µs after the request)\n",
+                o.agent, o.flip_us
+            ));
+        }
+    }
+    out.push_str(&format!("round trip: {:.0} µs\n", round_trip_us));
+    out
+}
+
 /// `agentd list` for people.
 pub fn render_list(reply: &ListReply) -> String {
     let mut out = format!(
@@ -104,6 +162,18 @@ pub fn render_list(reply: &ListReply) -> String {
             a.counts.audited,
             state
         ));
+    }
+    for a in reply.agents.iter().filter(|a| a.killed) {
+        if let Some(k) = &a.kill {
+            out.push_str(&format!(
+                "{} killed at {} by {} (uid {}): {}\n",
+                a.name,
+                k.at,
+                k.by_user.as_deref().unwrap_or("?"),
+                k.by_uid,
+                k.reason
+            ));
+        }
     }
     if reply.events_lost > 0 {
         out.push_str(&format!(

@@ -38,6 +38,16 @@ pub enum Request {
         user: Option<String>,
         argv: Vec<String>,
     },
+    Kill {
+        agents: Vec<String>,
+        all: bool,
+        reason: String,
+    },
+    Restore {
+        agents: Vec<String>,
+        all: bool,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,6 +61,8 @@ pub struct AgentSummary {
     pub rules: usize,
     pub enforcing: bool,
     pub killed: bool,
+    /// Who pulled the switch, when and why.
+    pub kill: Option<crate::kill::KillRecord>,
     #[serde(flatten)]
     pub counts: Counts,
 }
@@ -172,7 +184,7 @@ async fn handle_connection(stream: UnixStream, state: Arc<State>) {
         }
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Reply::err(format!("malformed request: {e}")),
-            Ok(req) => dispatch(req, peer, &state),
+            Ok(req) => dispatch(req, peer, &state, std::time::Instant::now()),
         },
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
@@ -180,11 +192,13 @@ async fn handle_connection(stream: UnixStream, state: Arc<State>) {
     let _ = tokio::time::timeout(READ_TIMEOUT, write.write_all(&out)).await;
 }
 
-fn dispatch(req: Request, peer: Peer, state: &State) -> Reply {
+fn dispatch(req: Request, peer: Peer, state: &State, received: std::time::Instant) -> Reply {
     let action = match &req {
         Request::Ping => "ping",
         Request::List => "list",
         Request::Exec { .. } => "exec",
+        Request::Kill { .. } => "kill",
+        Request::Restore { .. } => "restore",
     };
     // Until roles land, only root may use the control socket (it is 0600,
     // this is the second lock on the same door).
@@ -211,6 +225,32 @@ fn dispatch(req: Request, peer: Peer, state: &State) -> Reply {
             Ok(r) => Reply::ok(r),
             Err(e) => Reply::err(e.to_string()),
         },
+        Request::Kill {
+            agents,
+            all,
+            reason,
+        }
+        | Request::Restore {
+            agents,
+            all,
+            reason,
+        } => {
+            let kill = action == "kill";
+            let caller = crate::kill::Caller {
+                uid: peer.uid,
+                pid: peer.pid,
+            };
+            match crate::kill::switch(state, received, &agents, all, &reason, caller, kill) {
+                Ok(r) => Reply::ok(r),
+                Err(e) => {
+                    state.audit.record_now(
+                        "control",
+                        serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": e.to_string()}),
+                    );
+                    Reply::err(e.to_string())
+                }
+            }
+        }
         Request::Exec { agent, user, argv } => match exec(state, peer, &agent, user, argv) {
             Ok(r) => Reply::ok(r),
             Err(e) => {
@@ -253,6 +293,13 @@ fn list(state: &State) -> Result<ListReply> {
             rules: a.rules.len(),
             enforcing: entry.is_some(),
             killed: entry.is_some_and(|e| e.flags & agentd_ebpf::AGENT_KILLED != 0),
+            kill: state
+                .kills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .killed
+                .get(&a.name)
+                .cloned(),
             counts: maps.counts(a.agent_id)?,
         });
     }

@@ -20,6 +20,7 @@ use crate::{
     control,
     error::{Error, IoContext as _, Result},
     events,
+    kill::KillState,
     maps::{PolicyMaps, free_agent_id},
     policy::{CompiledPolicy, RuleIndex},
     programs::{self, Attachment},
@@ -53,6 +54,7 @@ pub struct State {
     pub agents: RwLock<Vec<AgentRuntime>>,
     pub maps: Mutex<PolicyMaps>,
     pub sessions: Mutex<Sessions>,
+    pub kills: Mutex<KillState>,
     pub audit: AuditLog,
 }
 
@@ -74,6 +76,8 @@ pub async fn run(config: Config) -> Result<()> {
     // One daemon per state: a second one would fight over maps and socket.
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let audit = AuditLog::open(&config.daemon.audit_log)?;
+    // Pulled switches survive reboots through this file (pins do not).
+    let mut kills = KillState::load(&config.daemon.state_dir)?;
 
     let mut ebpf = programs::load(&bpffs_dir)?;
     let (mut maps, ring) = PolicyMaps::take(&mut ebpf)?;
@@ -112,8 +116,9 @@ pub async fn run(config: Config) -> Result<()> {
                 agent_id,
                 policy_id,
                 mode: mode_value(agent.mode),
-                // A pulled kill switch stays pulled across restarts.
-                flags: previous.map_or(0, |p| p.flags & AGENT_KILLED),
+                // A pulled kill switch stays pulled across restarts and
+                // reboots, from before the first packet.
+                flags: killed_flag(&mut kills, &agent.name, previous),
             },
         )?;
         let hooks = programs::attach_or_adopt(&mut ebpf, &bpffs_dir, &agent.name, &cgroup_dir)?;
@@ -149,6 +154,7 @@ pub async fn run(config: Config) -> Result<()> {
         agents: RwLock::new(runtimes),
         maps: Mutex::new(maps),
         sessions: Mutex::new(Sessions::load(&config_state_dir)),
+        kills: Mutex::new(kills),
         audit,
     });
     let agent_names: Vec<String> = state
@@ -211,6 +217,37 @@ pub async fn run(config: Config) -> Result<()> {
     // them attached.
     drop(ebpf);
     Ok(())
+}
+
+/// The killed flag for an agent at start-up: killed if the state file or the
+/// pinned kernel state says so (either alone is enough: fail closed).
+fn killed_flag(kills: &mut KillState, agent: &str, previous: Option<AgentEntry>) -> u32 {
+    let in_kernel = previous.is_some_and(|p| p.flags & AGENT_KILLED != 0);
+    if in_kernel && !kills.killed.contains_key(agent) {
+        kills.killed.insert(
+            agent.to_owned(),
+            crate::kill::KillRecord {
+                reason: "found killed in the pinned kernel state; the state file had no record"
+                    .into(),
+                by_uid: 0,
+                by_user: None,
+                by_pid: 0,
+                at: crate::audit::rfc3339(std::time::SystemTime::now()),
+            },
+        );
+        if let Err(e) = kills.save() {
+            tracing::error!(error = %e, "cannot record kill state");
+        }
+    }
+    if in_kernel || kills.killed.contains_key(agent) {
+        tracing::warn!(
+            agent,
+            "agent is KILLED: no network access until `agentd restore`"
+        );
+        AGENT_KILLED
+    } else {
+        0
+    }
 }
 
 /// Takes an exclusive lock on `state_dir/agentd.lock` for the daemon's life.

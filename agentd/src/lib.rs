@@ -15,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod kill;
 pub mod launch;
 pub mod maps;
 pub mod policy;

@@ -48,6 +48,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cut all of an agent's network access now; its processes keep running.
+    Kill {
+        /// The agent (or --all).
+        agent: Option<String>,
+        #[arg(long, conflicts_with = "agent")]
+        all: bool,
+        /// Why (recorded in the audit log and shown by `list`).
+        #[arg(long, required = true)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift the kill switch: the agent's allowlist applies again.
+    Restore {
+        agent: Option<String>,
+        #[arg(long, conflicts_with = "agent")]
+        all: bool,
+        #[arg(long, required = true)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything agentd installed (the daemon must be stopped).
     Teardown {
         #[arg(long, default_value = "/etc/agentd/agentd.toml")]
@@ -129,6 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Kill {
+            agent,
+            all,
+            reason,
+            json,
+        } => switch(&cli.socket, true, agent, all, &reason, json),
+        Command::Restore {
+            agent,
+            all,
+            reason,
+            json,
+        } => switch(&cli.socket, false, agent, all, &reason, json),
         Command::Teardown { config, force } => {
             let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let report = teardown::teardown(&config, force)?;
@@ -144,4 +178,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn switch(
+    socket: &std::path::Path,
+    kill: bool,
+    agent: Option<String>,
+    all: bool,
+    reason: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !all && agent.is_none() {
+        anyhow::bail!("name an agent or pass --all");
+    }
+    if reason.trim().is_empty() {
+        anyhow::bail!("--reason must not be empty");
+    }
+    let started = std::time::Instant::now();
+    let outcomes = client::switch(socket, kill, agent.into_iter().collect(), all, reason)?;
+    let round_trip = started.elapsed().as_secs_f64() * 1e6;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "outcomes": outcomes,
+                "round_trip_us": round_trip,
+            }))?
+        );
+    } else {
+        print!("{}", client::render_switch(kill, &outcomes, round_trip));
+    }
+    Ok(ExitCode::SUCCESS)
 }

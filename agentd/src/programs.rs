@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -36,7 +36,7 @@ pub struct Hook {
 }
 
 /// Every hook agentd attaches to each agent cgroup.
-pub const HOOKS: [Hook; 5] = [
+pub const HOOKS: [Hook; 7] = [
     Hook {
         program: "agentd_connect4",
         attach_type: 10, // BPF_CGROUP_INET4_CONNECT
@@ -56,6 +56,14 @@ pub const HOOKS: [Hook; 5] = [
     Hook {
         program: "agentd_sock_create",
         attach_type: 2, // BPF_CGROUP_INET_SOCK_CREATE
+    },
+    Hook {
+        program: "agentd_ingress",
+        attach_type: 0, // BPF_CGROUP_INET_INGRESS
+    },
+    Hook {
+        program: "agentd_egress",
+        attach_type: 1, // BPF_CGROUP_INET_EGRESS
     },
 ];
 
@@ -131,6 +139,7 @@ pub fn load(bpffs_dir: &Path) -> Result<Ebpf> {
         let result = match program {
             aya::programs::Program::CgroupSockAddr(p) => p.load(),
             aya::programs::Program::CgroupSock(p) => p.load(),
+            aya::programs::Program::CgroupSkb(p) => p.load(),
             _ => {
                 return Err(Error::Refused(format!(
                     "program {} has an unexpected type",
@@ -210,6 +219,18 @@ fn attach_one(ebpf: &mut Ebpf, hook: Hook, cgroup: &fs::File, pin: &Path) -> Res
         aya::programs::Program::CgroupSock(p) => {
             let p: &mut CgroupSock = p;
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            into_fd_link(p.take_link(id).map_err(perr)?, pin)?
+        }
+        aya::programs::Program::CgroupSkb(p) => {
+            let p: &mut CgroupSkb = p;
+            let direction = if hook.attach_type == 0 {
+                CgroupSkbAttachType::Ingress
+            } else {
+                CgroupSkbAttachType::Egress
+            };
+            let id = p
+                .attach(cgroup, direction, CgroupAttachMode::Single)
+                .map_err(perr)?;
             into_fd_link(p.take_link(id).map_err(perr)?, pin)?
         }
         _ => {

@@ -308,6 +308,19 @@ impl TcpSink {
         self.addr.port()
     }
 
+    /// The next connection, kept open (for streams that outlive one op).
+    pub fn accept_one(&self, wait: Duration) -> Option<std::net::TcpStream> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Ok((s, _)) = self.listener.accept() {
+                s.set_nonblocking(false).ok();
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// Connections accepted within `wait`, with whatever each sent.
     pub fn accepted(&self, wait: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + wait;
@@ -358,6 +371,36 @@ impl UdpSink {
         }
         out
     }
+}
+
+/// Whatever arrives on an open stream within `wait` (stops at EOF/reset).
+pub fn read_for(stream: &mut std::net::TcpStream, wait: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .ok();
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z") && !s.contains(") X"))
+        .unwrap_or(false)
 }
 
 /// How long a sink is watched to show that nothing arrived.

@@ -12,8 +12,8 @@ fn attached(cgroup: &Path, attach_type: u32) -> Vec<u32> {
     agentd::programs::attached_programs(&dir, attach_type).expect("BPF_PROG_QUERY")
 }
 
-/// connect4, connect6, sendmsg4, sendmsg6, sock_create.
-const ATTACH_TYPES: [u32; 5] = [10, 11, 14, 15, 2];
+/// connect4, connect6, sendmsg4, sendmsg6, sock_create, ingress, egress.
+const ATTACH_TYPES: [u32; 7] = [10, 11, 14, 15, 2, 0, 1];
 
 #[test]
 fn kill9_keeps_enforcement_and_restart_readopts() {

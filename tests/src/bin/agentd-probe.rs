@@ -7,6 +7,8 @@
 //!
 //! Operations:
 //!   tcp ADDR                 connect, send "probe", close
+//!   open ADDR                open a TCP stream and keep it
+//!   write TEXT               write TEXT on the open stream
 //!   hold                     create a TCP socket now and keep it
 //!   heldtcp ADDR             connect the held socket
 //!   tcploop N ADDR           N connects; counts of successes, EPERM and other errors
@@ -88,6 +90,8 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 thread_local! {
     /// A TCP socket created by `hold`, connected later by `heldtcp`.
     static HELD: std::cell::Cell<i32> = const { std::cell::Cell::new(-1) };
+    /// An established stream opened by `open`, written by `write`.
+    static STREAM: std::cell::RefCell<Option<TcpStream>> = const { std::cell::RefCell::new(None) };
 }
 
 fn op(args: &[String]) -> Value {
@@ -125,6 +129,26 @@ fn op(args: &[String]) -> Value {
             }
             json!({"ok": true, "attempts": n, "succeeded": ok, "eperm": eperm, "other": other})
         }
+        "open" => {
+            let addr = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => {
+                    STREAM.with(|st| *st.borrow_mut() = Some(s));
+                    json!({"ok": true})
+                }
+                Err(e) => fail(e),
+            }
+        }
+        "write" => STREAM.with(|st| match st.borrow_mut().as_mut() {
+            None => json!({"ok": false, "errno": -1, "error": "no open stream"}),
+            Some(s) => match s.write_all(arg(0).as_bytes()).and_then(|()| s.flush()) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => fail(e),
+            },
+        }),
         "hold" => {
             // SAFETY: plain socket syscall; the fd is kept for `heldtcp`.
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };

@@ -1,0 +1,173 @@
+//! The kill switch: one command cuts every path an agent has, its processes
+//! keep running, and the switch stays pulled until someone restores it.
+use agentd_tests::*;
+
+fn two_agents(env: &TestEnv, tcp: u16, udp: u16) {
+    env.write_config(&format!(
+        r#"[[agent]]
+name = "rogue"
+owner = "test@example.com"
+allow = [ {{ cidr = "127.0.0.1/32", ports = [{tcp}], protocol = "tcp" }}, {{ cidr = "127.0.0.1/32", ports = [{udp}], protocol = "udp" }} ]
+
+[[agent]]
+name = "bystander"
+owner = "test@example.com"
+allow = [ {{ cidr = "127.0.0.1/32", ports = [{tcp}], protocol = "tcp" }} ]
+"#
+    ));
+}
+
+#[test]
+fn kill_cuts_new_and_established_traffic_and_keeps_the_process() {
+    if !require_root("kill_cuts_new_and_established_traffic_and_keeps_the_process") {
+        return;
+    }
+    let server = TcpSink::bind("127.0.0.1:0");
+    let udp = UdpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("kill_cuts");
+    two_agents(&env, server.port(), udp.port());
+    env.start_daemon();
+
+    let mut agent = ProbeProcess::spawn();
+    agent.join(&env.agent_cgroup("rogue"));
+    assert_ok(&agent.op(&format!("open {}", server.addr)));
+    let mut conn = server.accept_one(QUIET * 10).expect("stream accepted");
+    assert_ok(&agent.op("write before"));
+    assert_eq!(read_for(&mut conn, QUIET), b"before");
+    assert_ok(&agent.op(&format!("udp {}", udp.addr)));
+    assert_eq!(udp.received(QUIET).len(), 1);
+
+    let out = env.agentd(&["kill", "rogue", "--reason", "INC-4411 exfil attempt"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("KILLED"), "{text}");
+
+    // The established stream carries nothing more.
+    let _ = agent.op("write after");
+    assert!(
+        read_for(&mut conn, QUIET).is_empty(),
+        "data crossed a killed agent's stream"
+    );
+    // New connects and sends fail, whatever the allowlist says.
+    assert_eperm(&agent.op(&format!("tcp {}", server.addr)));
+    assert_eperm(&agent.op(&format!("udp {}", udp.addr)));
+    assert!(server.accepted(QUIET).is_empty());
+    assert!(udp.received(QUIET).is_empty());
+    // The process is alive and answering: not frozen, not killed.
+    assert!(alive(agent.pid));
+    assert_ok(&agent.op("id"));
+
+    // Other agents are untouched.
+    let mut other = ProbeProcess::spawn();
+    other.join(&env.agent_cgroup("bystander"));
+    assert_ok(&other.op(&format!("tcp {}", server.addr)));
+    assert_eq!(server.accepted(QUIET).len(), 1);
+
+    // list and the audit log say who, when and why.
+    let list: serde_json::Value =
+        serde_json::from_slice(&env.agentd(&["list", "--json"]).stdout).unwrap();
+    let rogue = list["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "rogue")
+        .unwrap();
+    assert_eq!(rogue["killed"], true);
+    assert_eq!(rogue["kill"]["reason"], "INC-4411 exfil attempt");
+    assert_eq!(rogue["kill"]["by_uid"], 0);
+    let rec = env.wait_audit("kill event", |r| r["event"] == "kill");
+    assert_eq!(rec["agent"], "rogue");
+    assert_eq!(rec["reason"], "INC-4411 exfil attempt");
+    assert!(rec["by_pid"].as_u64().unwrap() > 0);
+    assert!(rec["flip_us"].as_f64().unwrap() > 0.0);
+
+    // Killing again is not an error, and says so.
+    let out = env.agentd(&["kill", "rogue", "--reason", "again"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already killed"));
+}
+
+#[test]
+fn kill_needs_a_reason_and_a_known_agent() {
+    if !require_root("kill_needs_a_reason_and_a_known_agent") {
+        return;
+    }
+    let mut env = TestEnv::new("kill_refusals");
+    two_agents(&env, 9, 9);
+    env.start_daemon();
+    let out = env.agentd(&["kill", "rogue"]);
+    assert!(!out.status.success(), "kill without --reason accepted");
+    let out = env.agentd(&["kill", "rogue", "--reason", "  "]);
+    assert!(!out.status.success(), "blank reason accepted");
+    let out = env.agentd(&["kill", "nobody-here", "--reason", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown agent"),
+        "{out:?}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_slice(&env.agentd(&["list", "--json"]).stdout).unwrap();
+    assert!(
+        list["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["killed"] == false)
+    );
+}
+
+#[test]
+fn kill_survives_kill9_and_restart_until_restored() {
+    if !require_root("kill_survives_kill9_and_restart_until_restored") {
+        return;
+    }
+    let server = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("kill_durable");
+    two_agents(&env, server.port(), 9);
+    env.start_daemon();
+    let mut agent = ProbeProcess::spawn();
+    agent.join(&env.agent_cgroup("rogue"));
+    assert!(
+        env.agentd(&["kill", "--all", "--reason", "drill"])
+            .status
+            .success()
+    );
+
+    env.kill9_daemon();
+    assert_eperm(&agent.op(&format!("tcp {}", server.addr)));
+    env.start_daemon();
+    assert_eperm(&agent.op(&format!("tcp {}", server.addr)));
+
+    // Even with the pinned kernel state gone (a reboot), the state file
+    // brings the kill back before any agent process can connect.
+    env.stop_daemon();
+    drop(agent);
+    let out = env.agentd(&["teardown", "--config", env.config.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    env.start_daemon();
+    let mut agent = ProbeProcess::spawn();
+    agent.join(&env.agent_cgroup("rogue"));
+    assert_eperm(&agent.op(&format!("tcp {}", server.addr)));
+    assert!(server.accepted(QUIET).is_empty());
+
+    let out = env.agentd(&["restore", "rogue", "--reason", "INC-4411 closed"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_ok(&agent.op(&format!("tcp {}", server.addr)));
+    assert_eq!(server.accepted(QUIET).len(), 1);
+    let rec = env.wait_audit("restore event", |r| r["event"] == "restore");
+    assert_eq!(rec["reason"], "INC-4411 closed");
+    // The other agent was killed by --all and is still killed.
+    let list: serde_json::Value =
+        serde_json::from_slice(&env.agentd(&["list", "--json"]).stdout).unwrap();
+    let by = |n: &str| {
+        list["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by("rogue")["killed"], false);
+    assert_eq!(by("bystander")["killed"], true);
+}
