@@ -110,17 +110,28 @@ pub fn render_switch(
     for o in outcomes {
         if o.unchanged {
             out.push_str(&format!(
-                "{}: already {}; nothing changed\n",
+                "{}: already {}; nothing changed",
                 o.agent,
                 if kill { "killed" } else { "active" }
             ));
+            if kill && o.sockets.aborted > 0 {
+                out.push_str(&format!(" (swept {} more sockets)", o.sockets.aborted));
+            }
+            out.push('\n');
         } else if kill {
             out.push_str(&format!(
-                "{}: KILLED. Kernel state flipped {:.0} µs after the request, recorded {:.0} µs after it.\n\
-                 \x20 new connects and sends: refused (EPERM); packets of established connections: dropped both ways\n\
-                 \x20 sockets reset: none (active reset of established connections is not implemented yet)\n\
+                "{}: KILLED. Kernel state flipped {:.0} µs after the request; last socket aborted at {:.0} µs; recorded at {:.0} µs.\n\
+                 \x20 new connects and sends: refused (EPERM); packets of its sockets: dropped both ways\n\
+                 \x20 sockets aborted: {} ({} found through process file descriptors), failed: {}\n\
                  \x20 processes: {} left running for inspection\n",
-                o.agent, o.flip_us, o.total_us, o.processes
+                o.agent,
+                o.flip_us,
+                o.sockets.last_abort_us,
+                o.total_us,
+                o.sockets.aborted,
+                o.sockets.via_fd,
+                o.sockets.failed,
+                o.processes
             ));
         } else {
             out.push_str(&format!(

@@ -87,6 +87,8 @@ pub struct SwitchOutcome {
     pub processes: usize,
     /// Request received -> kernel flag flipped, microseconds.
     pub flip_us: f64,
+    /// Established sockets torn down (kill only).
+    pub sockets: crate::sockets::AbortReport,
     /// Request received -> state persisted and reply ready, microseconds.
     pub total_us: f64,
 }
@@ -156,10 +158,28 @@ pub fn switch(
             unchanged,
             processes: 0,
             flip_us: received.elapsed().as_secs_f64() * 1e6,
+            sockets: Default::default(),
             total_us: 0.0,
         });
     }
     drop(maps);
+    // With the flag set nothing new can connect; now cut what is already
+    // connected: sockets of the agent's cgroups and sockets its processes
+    // hold (even ones created elsewhere).
+    if kill {
+        for (o, a) in outcomes.iter_mut().zip(&chosen) {
+            let pids = cgroup::processes(&a.cgroup_dir).unwrap_or_default();
+            o.processes = pids.len();
+            let cgroups = crate::sockets::cgroup_ids(&a.cgroup_dir);
+            let inodes = crate::sockets::socket_inodes(&pids);
+            o.sockets = crate::sockets::abort(&cgroups, &inodes, received).map_err(|e| {
+                Error::Refused(format!(
+                    "agent {} is cut off (flag set, packets dropped) but tearing down its sockets failed: {e}",
+                    a.name
+                ))
+            })?;
+        }
+    }
     // Then the durable record, before the reply.
     for a in &chosen {
         if kill {
@@ -194,6 +214,10 @@ pub fn switch(
                 "by_pid": caller.pid,
                 "unchanged": o.unchanged,
                 "processes": o.processes,
+                "sockets_aborted": o.sockets.aborted,
+                "sockets_aborted_via_fd": o.sockets.via_fd,
+                "sockets_failed": o.sockets.failed,
+                "last_abort_us": o.sockets.last_abort_us,
                 "flip_us": o.flip_us,
                 "total_us": o.total_us,
             }),

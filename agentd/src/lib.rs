@@ -21,6 +21,7 @@ pub mod maps;
 pub mod policy;
 pub mod programs;
 pub mod sessions;
+pub mod sockets;
 pub mod teardown;
 
 pub use error::{Error, Result};

@@ -396,6 +396,33 @@ pub fn read_for(stream: &mut std::net::TcpStream, wait: Duration) -> Vec<u8> {
     out
 }
 
+/// Reads an open stream until it ends, bounded by `wait`: what arrived and
+/// how it ended (`None`: still open at the deadline or closed cleanly).
+pub fn read_until_end(
+    stream: &mut std::net::TcpStream,
+    wait: Duration,
+) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .ok();
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return (out, Some(e.kind())),
+        }
+    }
+    (out, None)
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))

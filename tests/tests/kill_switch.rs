@@ -171,3 +171,37 @@ fn kill_survives_kill9_and_restart_until_restored() {
     assert_eq!(by("rogue")["killed"], false);
     assert_eq!(by("bystander")["killed"], true);
 }
+
+#[test]
+fn kill_aborts_smuggled_socket() {
+    if !require_root("kill_aborts_smuggled_socket") {
+        return;
+    }
+    let server = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("kill_smuggled");
+    two_agents(&env, 9, 9);
+    env.start_daemon();
+    // Opened outside every agent (no hook ever sees it), then carried in.
+    let mut agent = ProbeProcess::spawn();
+    assert_ok(&agent.op(&format!("open {}", server.addr)));
+    let mut conn = server.accept_one(QUIET * 10).expect("accepted");
+    agent.join(&env.agent_cgroup("rogue"));
+    assert_ok(&agent.op("write smuggled"));
+    assert_eq!(
+        read_for(&mut conn, QUIET),
+        b"smuggled",
+        "the socket works before the kill"
+    );
+
+    let out = env.agentd(&["kill", "rogue", "--reason", "smuggled socket", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        reply["outcomes"][0]["sockets"]["via_fd"].as_u64().unwrap() >= 1,
+        "{reply}"
+    );
+    let (_, end) = read_until_end(&mut conn, QUIET);
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(agent.op("write more")["ok"], false);
+    assert!(alive(agent.pid));
+}

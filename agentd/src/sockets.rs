@@ -1,0 +1,234 @@
+//! Tearing down a killed agent's established sockets with sock_diag
+//! (`SOCK_DESTROY`, CONFIG_INET_DIAG_DESTROY): TCP peers get a reset, the
+//! agent's own calls on the socket fail with ECONNABORTED.
+//!
+//! A socket belongs to the agent if the kernel reports its cgroup as one of
+//! the agent's cgroups, or if one of the agent's processes holds it (a
+//! socket passed in over a unix socket or inherited from before launch has
+//! another cgroup, and no cgroup hook would ever see it).
+use std::{collections::HashSet, fs, io, path::Path, time::Instant};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+    message::SockDiagDestroy,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// `INET_DIAG_CGROUP_ID` (Linux 5.8+): the socket's cgroup id, always sent.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// TCP states that are not connections to tear down.
+const TCP_LISTEN: u8 = 10;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+
+/// What the teardown did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AbortReport {
+    pub aborted: usize,
+    /// Of those, sockets found only through a process's file descriptors.
+    pub via_fd: usize,
+    pub failed: usize,
+    /// Request received -> last socket aborted, microseconds (0 if none).
+    pub last_abort_us: f64,
+}
+
+/// The inode numbers of every socket the processes hold open.
+pub fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    for pid in pids {
+        let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if let Ok(target) = fs::read_link(e.path()) {
+                let t = target.to_string_lossy();
+                if let Some(n) = t
+                    .strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    out.insert(n);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The ids of a cgroup and every cgroup below it.
+pub fn cgroup_ids(dir: &Path) -> HashSet<u64> {
+    fn walk(dir: &Path, out: &mut HashSet<u64>, depth: u32) {
+        if depth > 32 {
+            return;
+        }
+        if let Ok(id) = crate::cgroup::cgroup_id(dir) {
+            out.insert(id);
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out, depth + 1);
+                }
+            }
+        }
+    }
+    let mut out = HashSet::new();
+    walk(dir, &mut out, 0);
+    out
+}
+
+fn connect() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+fn send<T: netlink_packet_core::NetlinkSerializable>(
+    socket: &Socket,
+    flags: u16,
+    payload: T,
+) -> io::Result<()>
+where
+    NetlinkPayload<T>: From<T>,
+{
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+fn request(family: u8, protocol: u8, socket_id: SocketId) -> SockDiagMessage {
+    SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id,
+    })
+}
+
+/// Every socket of one family and protocol, from the kernel.
+fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetResponse>> {
+    let id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    send(
+        socket,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        request(family, protocol, id),
+    )?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    // Bounded: a dump ends with NLMSG_DONE; this caps a misbehaving one.
+    for _ in 0..100_000 {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let mut offset = 0;
+        while offset < n {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => out.push(*r),
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(io::Error::from_raw_os_error(e.code.map_or(0, |c| -c.get())));
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+    Err(io::Error::other("sock_diag dump did not end"))
+}
+
+/// Destroys one socket and waits for the kernel's answer.
+fn destroy(socket: &Socket, family: u8, protocol: u8, id: SocketId) -> io::Result<()> {
+    send(
+        socket,
+        NLM_F_REQUEST | NLM_F_ACK,
+        SockDiagDestroy::new(request(family, protocol, id)),
+    )?;
+    let mut buf = vec![0u8; 4096];
+    let n = socket.recv(&mut &mut buf[..], 0)?;
+    let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..n])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    match msg.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(c) => Err(io::Error::from_raw_os_error(-c.get())),
+        },
+        _ => Ok(()),
+    }
+}
+
+fn cgroup_of(r: &InetResponse) -> Option<u64> {
+    use netlink_packet_core::Nla as _;
+    r.nlas.iter().find_map(|nla| match nla {
+        Nla::Other(d) if d.kind() == INET_DIAG_CGROUP_ID && d.value_len() == 8 => {
+            let mut v = [0u8; 8];
+            d.emit_value(&mut v);
+            Some(u64::from_ne_bytes(v))
+        }
+        _ => None,
+    })
+}
+
+/// Aborts every TCP connection and UDP socket that belongs to the agent:
+/// by cgroup (`cgroups`) or held by its processes (`inodes`). Listening
+/// sockets are left; the kill's packet drop keeps them silent.
+pub fn abort(
+    cgroups: &HashSet<u64>,
+    inodes: &HashSet<u32>,
+    received: Instant,
+) -> io::Result<AbortReport> {
+    let socket = connect()?;
+    let mut report = AbortReport::default();
+    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+        for family in [AF_INET, AF_INET6] {
+            for r in dump(&socket, family, protocol)? {
+                let state = r.header.state;
+                if protocol == IPPROTO_TCP
+                    && matches!(state, TCP_LISTEN | TCP_TIME_WAIT | TCP_CLOSE)
+                {
+                    continue;
+                }
+                let by_cgroup = cgroup_of(&r).is_some_and(|c| cgroups.contains(&c));
+                let by_fd = inodes.contains(&r.header.inode);
+                if !by_cgroup && !by_fd {
+                    continue;
+                }
+                match destroy(&socket, family, protocol, r.header.socket_id.clone()) {
+                    Ok(()) => {
+                        report.aborted += 1;
+                        if !by_cgroup {
+                            report.via_fd += 1;
+                        }
+                        report.last_abort_us = received.elapsed().as_secs_f64() * 1e6;
+                    }
+                    // Gone in the meantime: nothing left to cut.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not abort an agent socket");
+                        report.failed += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
