@@ -205,3 +205,168 @@ fn kill_aborts_smuggled_socket() {
     assert_eq!(agent.op("write more")["ok"], false);
     assert!(alive(agent.pid));
 }
+
+/// Counts every byte that reaches a TCP or UDP server, from server threads.
+struct Servers {
+    tcp: TcpSink,
+    udp: std::sync::Arc<std::net::UdpSocket>,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Servers {
+    fn start() -> (Self, Vec<std::thread::JoinHandle<()>>) {
+        use std::sync::{Arc, atomic::*};
+        let tcp = TcpSink::bind("127.0.0.1:0");
+        let udp = Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        udp.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        {
+            let (udp, bytes, stop) = (udp.clone(), bytes.clone(), stop.clone());
+            handles.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = udp.recv(&mut buf) {
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        (
+            Self {
+                tcp,
+                udp,
+                bytes,
+                stop,
+            },
+            handles,
+        )
+    }
+
+    /// Accepts `expected` connections (bounded in time) and reads each on
+    /// its own thread.
+    fn serve_tcp(&self, expected: usize, handles: &mut Vec<std::thread::JoinHandle<()>>) {
+        use std::sync::atomic::Ordering;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut accepted = 0;
+        while accepted < expected && std::time::Instant::now() < deadline {
+            let Some(mut conn) = self.tcp.accept_one(std::time::Duration::from_millis(50)) else {
+                continue;
+            };
+            accepted += 1;
+            let (bytes, stop) = (self.bytes.clone(), self.stop.clone());
+            handles.push(std::thread::spawn(move || {
+                use std::io::Read as _;
+                conn.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+                    .ok();
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+    }
+}
+
+#[test]
+fn race_32_threads_nothing_crosses_after_kill_returns() {
+    if !require_root("race_32_threads_nothing_crosses_after_kill_returns") {
+        return;
+    }
+    use std::sync::atomic::Ordering;
+    let (servers, mut handles) = Servers::start();
+    let mut env = TestEnv::new("kill_race");
+    two_agents(
+        &env,
+        servers.tcp.port(),
+        servers.udp.local_addr().unwrap().port(),
+    );
+    env.start_daemon();
+    let mut agent = ProbeProcess::spawn();
+    agent.join(&env.agent_cgroup("rogue"));
+    let pid = agent.pid;
+    let op = format!(
+        "race 32 {} {} 3000",
+        servers.tcp.addr,
+        servers.udp.local_addr().unwrap()
+    );
+    let racer = std::thread::spawn(move || {
+        let v = agent.op(&op);
+        (agent, v)
+    });
+    // Accept the 32 streams while they write.
+    servers.serve_tcp(32, &mut handles);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        servers.bytes.load(Ordering::Relaxed) > 0,
+        "no traffic before the kill"
+    );
+
+    let out = env.agentd(&["kill", "rogue", "--reason", "race"]);
+    assert!(out.status.success(), "{out:?}");
+    // What was queued before the switch is read within a moment...
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let at_kill = servers.bytes.load(Ordering::Relaxed);
+    // ...and nothing more arrives while the 32 threads keep trying.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let later = servers.bytes.load(Ordering::Relaxed);
+    assert_eq!(
+        later,
+        at_kill,
+        "{} bytes crossed after kill returned",
+        later - at_kill
+    );
+
+    let (_agent, v) = racer.join().unwrap();
+    assert!(v["refused"].as_u64().unwrap() > 0, "{v}");
+    assert!(alive(pid));
+    servers.stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+#[test]
+fn exec_into_a_killed_agent_warns_and_is_cut_off() {
+    if !require_root("exec_into_a_killed_agent_warns_and_is_cut_off") {
+        return;
+    }
+    let server = TcpSink::bind("127.0.0.1:0");
+    let mut env = TestEnv::new("kill_exec");
+    two_agents(&env, server.port(), 9);
+    env.start_daemon();
+    assert!(
+        env.agentd(&["kill", "rogue", "--reason", "x"])
+            .status
+            .success()
+    );
+    let out = env.agentd(&[
+        "exec",
+        "--agent",
+        "rogue",
+        "--",
+        probe_bin(),
+        "once",
+        "tcp",
+        &server.addr.to_string(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("KILLED"),
+        "{out:?}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eperm(&v);
+    assert!(server.accepted(QUIET).is_empty());
+}

@@ -9,6 +9,7 @@
 //!   tcp ADDR                 connect, send "probe", close
 //!   open ADDR                open a TCP stream and keep it
 //!   write TEXT               write TEXT on the open stream
+//!   race N TCP UDP MS        N threads connecting, writing and sending for MS ms
 //!   hold                     create a TCP socket now and keep it
 //!   heldtcp ADDR             connect the held socket
 //!   tcploop N ADDR           N connects; counts of successes, EPERM and other errors
@@ -149,6 +150,54 @@ fn op(args: &[String]) -> Value {
                 Err(e) => fail(e),
             },
         }),
+        "race" => {
+            let threads: usize = arg(0).parse().unwrap_or(1);
+            let (tcp, udp) = match (parse(arg(1)), parse(arg(2))) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(v), _) | (_, Err(v)) => return v,
+            };
+            let millis: u64 = arg(3).parse().unwrap_or(1000);
+            let deadline = std::time::Instant::now() + Duration::from_millis(millis);
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let (mut ok, mut refused) = (0u64, 0u64);
+                        let udp_sock = UdpSocket::bind("0.0.0.0:0").ok();
+                        let mut stream: Option<TcpStream> = None;
+                        while std::time::Instant::now() < deadline {
+                            if stream.is_none() {
+                                match TcpStream::connect_timeout(&tcp, Duration::from_millis(200)) {
+                                    Ok(s) => stream = Some(s),
+                                    Err(_) => refused += 1,
+                                }
+                            }
+                            if let Some(s) = stream.as_mut() {
+                                if s.write_all(&[b'x'; 64]).is_ok() {
+                                    ok += 1;
+                                } else {
+                                    refused += 1;
+                                    stream = None;
+                                }
+                            }
+                            match udp_sock.as_ref().map(|u| u.send_to(&[b'y'; 64], udp)) {
+                                Some(Ok(_)) => ok += 1,
+                                _ => refused += 1,
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        (ok, refused)
+                    })
+                })
+                .collect();
+            let (mut ok, mut refused) = (0, 0);
+            for w in workers {
+                if let Ok((a, b)) = w.join() {
+                    ok += a;
+                    refused += b;
+                }
+            }
+            json!({"ok": true, "succeeded": ok, "refused": refused})
+        }
         "hold" => {
             // SAFETY: plain socket syscall; the fd is kept for `heldtcp`.
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
