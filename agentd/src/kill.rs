@@ -85,6 +85,9 @@ pub struct SwitchOutcome {
     /// The agent was already in the requested state; nothing changed.
     pub unchanged: bool,
     pub processes: usize,
+    /// CLOCK_MONOTONIC when the request was received, so a caller can time
+    /// what it observes against the request (benchmarks).
+    pub received_mono_ns: u64,
     /// Request received -> kernel flag flipped, microseconds.
     pub flip_us: f64,
     /// Established sockets torn down (kill only).
@@ -157,6 +160,7 @@ pub fn switch(
             agent: a.name.clone(),
             unchanged,
             processes: 0,
+            received_mono_ns: mono_ns_at(received),
             flip_us: received.elapsed().as_secs_f64() * 1e6,
             sockets: Default::default(),
             total_us: 0.0,
@@ -224,4 +228,12 @@ pub fn switch(
         );
     }
     Ok(outcomes)
+}
+
+/// CLOCK_MONOTONIC (ns) of an `Instant` (which is CLOCK_MONOTONIC on Linux).
+fn mono_ns_at(at: Instant) -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(at.elapsed().as_nanos() as u64)
 }

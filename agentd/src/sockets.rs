@@ -156,24 +156,60 @@ fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetRespons
     Err(io::Error::other("sock_diag dump did not end"))
 }
 
-/// Destroys one socket and waits for the kernel's answer.
-fn destroy(socket: &Socket, family: u8, protocol: u8, id: SocketId) -> io::Result<()> {
-    send(
-        socket,
-        NLM_F_REQUEST | NLM_F_ACK,
-        SockDiagDestroy::new(request(family, protocol, id)),
-    )?;
-    let mut buf = vec![0u8; 4096];
-    let n = socket.recv(&mut &mut buf[..], 0)?;
-    let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..n])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    match msg.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(c) => Err(io::Error::from_raw_os_error(-c.get())),
-        },
-        _ => Ok(()),
+/// Destroy requests sent per write: one netlink round trip per socket would
+/// make tearing down 10 000 connections take a quarter of a second.
+const DESTROY_BATCH: usize = 256;
+
+/// Destroys sockets in batches (many requests per write, then their acks)
+/// and returns, per socket, the kernel's answer (0 or -errno).
+fn destroy_all(socket: &Socket, targets: &[(u8, u8, SocketId)]) -> io::Result<Vec<i32>> {
+    let mut results = vec![0i32; targets.len()];
+    let mut buf = vec![0u8; 1 << 16];
+    for (chunk_no, chunk) in targets.chunks(DESTROY_BATCH).enumerate() {
+        let base = chunk_no * DESTROY_BATCH;
+        let mut out = Vec::with_capacity(chunk.len() * 96);
+        for (i, (family, protocol, id)) in chunk.iter().enumerate() {
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK;
+            header.sequence_number = (base + i) as u32;
+            let mut msg = NetlinkMessage::new(
+                header,
+                NetlinkPayload::from(SockDiagDestroy::new(request(
+                    *family,
+                    *protocol,
+                    id.clone(),
+                ))),
+            );
+            msg.finalize();
+            let start = out.len();
+            out.resize(start + msg.buffer_len(), 0);
+            msg.serialize(&mut out[start..]);
+        }
+        socket.send(&out, 0)?;
+        let mut acked = 0;
+        // Bounded: one ack per request.
+        while acked < chunk.len() {
+            let n = socket.recv(&mut &mut buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if let NetlinkPayload::Error(e) = msg.payload {
+                    let seq = msg.header.sequence_number as usize;
+                    if let Some(r) = results.get_mut(seq) {
+                        *r = e.code.map_or(0, |c| c.get());
+                    }
+                    acked += 1;
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
     }
+    Ok(results)
 }
 
 fn cgroup_of(r: &InetResponse) -> Option<u64> {
@@ -197,7 +233,8 @@ pub fn abort(
     received: Instant,
 ) -> io::Result<AbortReport> {
     let socket = connect()?;
-    let mut report = AbortReport::default();
+    let mut targets = Vec::new();
+    let mut only_fd = Vec::new();
     for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
         for family in [AF_INET, AF_INET6] {
             for r in dump(&socket, family, protocol)? {
@@ -209,26 +246,30 @@ pub fn abort(
                 }
                 let by_cgroup = cgroup_of(&r).is_some_and(|c| cgroups.contains(&c));
                 let by_fd = inodes.contains(&r.header.inode);
-                if !by_cgroup && !by_fd {
-                    continue;
-                }
-                match destroy(&socket, family, protocol, r.header.socket_id.clone()) {
-                    Ok(()) => {
-                        report.aborted += 1;
-                        if !by_cgroup {
-                            report.via_fd += 1;
-                        }
-                        report.last_abort_us = received.elapsed().as_secs_f64() * 1e6;
-                    }
-                    // Gone in the meantime: nothing left to cut.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not abort an agent socket");
-                        report.failed += 1;
-                    }
+                if by_cgroup || by_fd {
+                    targets.push((family, protocol, r.header.socket_id));
+                    only_fd.push(!by_cgroup);
                 }
             }
         }
+    }
+    let mut report = AbortReport::default();
+    for (code, via_fd) in destroy_all(&socket, &targets)?.into_iter().zip(only_fd) {
+        match code {
+            0 => {
+                report.aborted += 1;
+                report.via_fd += usize::from(via_fd);
+            }
+            // Gone in the meantime: nothing left to cut.
+            c if c == -libc::ENOENT => {}
+            c => {
+                tracing::error!(errno = -c, "could not abort an agent socket");
+                report.failed += 1;
+            }
+        }
+    }
+    if report.aborted > 0 {
+        report.last_abort_us = received.elapsed().as_secs_f64() * 1e6;
     }
     Ok(report)
 }

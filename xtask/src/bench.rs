@@ -8,11 +8,17 @@ use clap::Subcommand;
 pub enum Which {
     /// connect+close loop: uncontained vs 10 rules vs 100 000 rules.
     Connect,
+    /// kill/restore of an agent holding 10 000 connections.
+    Kill,
 }
 
 pub fn run(which: Which, agentd: &Path) -> anyhow::Result<()> {
+    let arg = match which {
+        Which::Connect => "connect",
+        Which::Kill => "kill",
+    };
     match which {
-        Which::Connect => {
+        Which::Connect | Which::Kill => {
             let status = std::process::Command::new("cargo")
                 .args([
                     "run",
@@ -23,11 +29,11 @@ pub fn run(which: Which, agentd: &Path) -> anyhow::Result<()> {
                     "--bin",
                     "agentd-bench",
                     "--",
-                    "connect",
+                    arg,
                 ])
                 .env("AGENTD_BIN", agentd)
                 .status()?;
-            anyhow::ensure!(status.success(), "connect benchmark failed: {status}");
+            anyhow::ensure!(status.success(), "{arg} benchmark failed: {status}");
             Ok(())
         }
     }

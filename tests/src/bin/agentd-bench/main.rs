@@ -21,6 +21,8 @@ use std::{
 
 use agentd_tests::TestEnv;
 
+mod kill_bench;
+
 const ROUNDS: usize = 15;
 const CONNECTS_PER_ROUND: u32 = 10_000;
 const BIG_RULES: u32 = 100_000;
@@ -30,6 +32,8 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("connect") => connect_bench(),
         Some("worker") => worker(&args[1], args[2].parse().expect("count")),
+        Some("kill") => kill_bench::run(),
+        Some("kill-agent") => kill_bench::agent(&args[1], &args[2]),
         _ => {
             eprintln!("usage: agentd-bench connect");
             std::process::exit(2);
