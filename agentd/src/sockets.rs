@@ -35,6 +35,10 @@ pub struct AbortReport {
     pub failed: usize,
     /// Request received -> last socket aborted, microseconds (0 if none).
     pub last_abort_us: f64,
+    /// Time listing the kernel's sockets (sock_diag dumps), microseconds.
+    pub dump_us: f64,
+    /// Time destroying the agent's sockets, microseconds.
+    pub destroy_us: f64,
 }
 
 /// The inode numbers of every socket the processes hold open.
@@ -233,6 +237,7 @@ pub fn abort(
     received: Instant,
 ) -> io::Result<AbortReport> {
     let socket = connect()?;
+    let dump_start = Instant::now();
     let mut targets = Vec::new();
     let mut only_fd = Vec::new();
     for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
@@ -253,8 +258,14 @@ pub fn abort(
             }
         }
     }
-    let mut report = AbortReport::default();
-    for (code, via_fd) in destroy_all(&socket, &targets)?.into_iter().zip(only_fd) {
+    let mut report = AbortReport {
+        dump_us: dump_start.elapsed().as_secs_f64() * 1e6,
+        ..AbortReport::default()
+    };
+    let destroy_start = Instant::now();
+    let results = destroy_all(&socket, &targets)?;
+    report.destroy_us = destroy_start.elapsed().as_secs_f64() * 1e6;
+    for (code, via_fd) in results.into_iter().zip(only_fd) {
         match code {
             0 => {
                 report.aborted += 1;

@@ -218,10 +218,12 @@ pub fn run() {
         let out = env.agentd(&["restore", "target", "--reason", "bench"]);
         assert!(out.status.success(), "{out:?}");
         eprintln!(
-            "bench kill: iteration {}/{iterations}: opened {opened} in {t_open:?}, kill {t_kill:?}, report {t_report:?}, restore {:?}, aborted {}",
+            "bench kill: iteration {}/{iterations}: opened {opened} in {t_open:?}, kill {t_kill:?}, report {t_report:?}, restore {:?}, aborted {} (dump {:.0} µs, destroy {:.0} µs)",
             i + 1,
             t.elapsed(),
-            o["sockets"]["aborted"]
+            o["sockets"]["aborted"],
+            o["sockets"]["dump_us"].as_f64().unwrap_or(0.0),
+            o["sockets"]["destroy_us"].as_f64().unwrap_or(0.0),
         );
     }
     stop.store(true, Ordering::Relaxed);
