@@ -174,9 +174,7 @@ pub fn switch(
         for (o, a) in outcomes.iter_mut().zip(&chosen) {
             let pids = cgroup::processes(&a.cgroup_dir).unwrap_or_default();
             o.processes = pids.len();
-            let cgroups = crate::sockets::cgroup_ids(&a.cgroup_dir);
-            let inodes = crate::sockets::socket_inodes(&pids);
-            o.sockets = crate::sockets::abort(&cgroups, &inodes, received).map_err(|e| {
+            o.sockets = crate::sockets::abort(&a.cgroup_dir, pids, received).map_err(|e| {
                 Error::Refused(format!(
                     "agent {} is cut off (flag set, packets dropped) but tearing down its sockets failed: {e}",
                     a.name

@@ -229,17 +229,21 @@ fn cgroup_of(r: &InetResponse) -> Option<u64> {
 }
 
 /// Aborts every TCP connection and UDP socket that belongs to the agent:
-/// by cgroup (`cgroups`) or held by its processes (`inodes`). Listening
-/// sockets are left; the kill's packet drop keeps them silent.
-pub fn abort(
-    cgroups: &HashSet<u64>,
-    inodes: &HashSet<u32>,
-    received: Instant,
-) -> io::Result<AbortReport> {
+/// by cgroup (the agent's cgroup and those below it) or held open by one of
+/// its processes. Listening sockets are left; the kill's packet drop keeps
+/// them silent.
+///
+/// One sock_diag dump serves both: sockets in the agent's cgroups are
+/// destroyed at once while another thread reads the processes' file
+/// descriptors; sockets outside the cgroups that those processes hold
+/// (smuggled in) are then destroyed from the same dump.
+pub fn abort(cgroup_dir: &Path, pids: Vec<u32>, received: Instant) -> io::Result<AbortReport> {
+    let scan = std::thread::spawn(move || socket_inodes(&pids));
+    let cgroups = cgroup_ids(cgroup_dir);
     let socket = connect()?;
     let dump_start = Instant::now();
-    let mut targets = Vec::new();
-    let mut only_fd = Vec::new();
+    let mut by_cgroup = Vec::new();
+    let mut others: std::collections::HashMap<u32, (u8, u8, SocketId)> = Default::default();
     for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
         for family in [AF_INET, AF_INET6] {
             for r in dump(&socket, family, protocol)? {
@@ -249,11 +253,10 @@ pub fn abort(
                 {
                     continue;
                 }
-                let by_cgroup = cgroup_of(&r).is_some_and(|c| cgroups.contains(&c));
-                let by_fd = inodes.contains(&r.header.inode);
-                if by_cgroup || by_fd {
-                    targets.push((family, protocol, r.header.socket_id));
-                    only_fd.push(!by_cgroup);
+                if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) {
+                    by_cgroup.push((family, protocol, r.header.socket_id));
+                } else {
+                    others.insert(r.header.inode, (family, protocol, r.header.socket_id));
                 }
             }
         }
@@ -263,9 +266,20 @@ pub fn abort(
         ..AbortReport::default()
     };
     let destroy_start = Instant::now();
-    let results = destroy_all(&socket, &targets)?;
+    let first = destroy_all(&socket, &by_cgroup)?;
+    let inodes = scan.join().unwrap_or_default();
+    let smuggled: Vec<_> = others
+        .into_iter()
+        .filter(|(inode, _)| inodes.contains(inode))
+        .map(|(_, target)| target)
+        .collect();
+    let second = destroy_all(&socket, &smuggled)?;
     report.destroy_us = destroy_start.elapsed().as_secs_f64() * 1e6;
-    for (code, via_fd) in results.into_iter().zip(only_fd) {
+    let tagged = first
+        .into_iter()
+        .map(|c| (c, false))
+        .chain(second.into_iter().map(|c| (c, true)));
+    for (code, via_fd) in tagged {
         match code {
             0 => {
                 report.aborted += 1;
