@@ -123,13 +123,6 @@ impl PolicyMaps {
             .map_err(map_err(map_names::IDENTITY))
     }
 
-    /// The agent cgroup the programs attached to `cgroup_id` believe they
-    /// serve, as the kernel holds it.
-    pub fn identity(&self, cgroup_id: u64, attach_type: u32) -> Option<u64> {
-        let key = aya::maps::cgroup_storage::CgroupStorageKey::new(cgroup_id, attach_type);
-        self.identity.get(key, 0).ok()
-    }
-
     /// Writes one policy generation's entries. Nothing refers to them until
     /// an agent entry is switched to this generation.
     pub fn write_generation(&mut self, entries: &MapEntries) -> Result<()> {

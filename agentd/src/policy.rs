@@ -230,16 +230,6 @@ pub struct MapEntries {
     pub port_blocks: Vec<(PortBlockKey, PortBlock)>,
 }
 
-impl MapEntries {
-    pub fn len(&self) -> usize {
-        self.v4.len() + self.v6.len() + self.port_blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The bitmap blocks covering `ranges`, one per 512 ports that hold any.
 fn port_blocks(
     policy_id: u32,

@@ -317,22 +317,6 @@ pub fn attached_programs(cgroup: &fs::File, attach_type: u32) -> Result<Vec<u32>
     Ok(ids[..n].to_vec())
 }
 
-/// Whether every hook of ours is attached to the cgroup right now, according
-/// to the kernel (pinned link program ids vs. the cgroup's attached programs).
-pub fn hooks_attached(bpffs_dir: &Path, agent: &str, cgroup_dir: &Path) -> Result<bool> {
-    let cgroup = fs::File::open(cgroup_dir).ctx(|| format!("opening {}", cgroup_dir.display()))?;
-    let links_dir = bpffs::agent_links_dir(bpffs_dir, agent);
-    for hook in HOOKS {
-        let Ok(prog_id) = pinned_program_id(&links_dir.join(hook.program)) else {
-            return Ok(false);
-        };
-        if !attached_programs(&cgroup, hook.attach_type)?.contains(&prog_id) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// Removes an agent's pinned links; with no daemon holding them this detaches
 /// the programs from its cgroup.
 pub fn remove_links(bpffs_dir: &Path, agent: &str) -> Result<PathBuf> {

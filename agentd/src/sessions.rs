@@ -115,10 +115,6 @@ impl Sessions {
         self.by_pid.insert(session.pid, session);
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Session> {
-        self.by_pid.values()
-    }
-
     /// The session a process belongs to, if it (or an ancestor, up to 64
     /// generations) started one. Best effort: a process that has already
     /// exited cannot be walked.

@@ -93,22 +93,40 @@ fn connect() -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn send<T: netlink_packet_core::NetlinkSerializable>(
-    socket: &Socket,
+/// One netlink message, serialized.
+fn encode<T: netlink_packet_core::NetlinkSerializable>(
     flags: u16,
+    sequence: u32,
     payload: T,
-) -> io::Result<()>
+) -> Vec<u8>
 where
     NetlinkPayload<T>: From<T>,
 {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
+    header.sequence_number = sequence;
     let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(payload));
     msg.finalize();
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-    Ok(())
+    buf
+}
+
+/// The netlink messages in one received datagram.
+fn messages(buf: &[u8]) -> io::Result<Vec<NetlinkMessage<SockDiagMessage>>> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < buf.len() {
+        let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let len = msg.header.length as usize;
+        out.push(msg);
+        if len == 0 {
+            break;
+        }
+        offset += len;
+    }
+    Ok(out)
 }
 
 fn request(family: u8, protocol: u8, socket_id: SocketId) -> SockDiagMessage {
@@ -128,21 +146,14 @@ fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetRespons
     } else {
         SocketId::new_v6()
     };
-    send(
-        socket,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        request(family, protocol, id),
-    )?;
+    let flags = NLM_F_REQUEST | NLM_F_DUMP;
+    socket.send(&encode(flags, 0, request(family, protocol, id)), 0)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     // Bounded: a dump ends with NLMSG_DONE; this caps a misbehaving one.
     for _ in 0..100_000 {
         let n = socket.recv(&mut &mut buf[..], 0)?;
-        let mut offset = 0;
-        while offset < n {
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let len = msg.header.length as usize;
+        for msg in messages(&buf[..n])? {
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => out.push(*r),
                 NetlinkPayload::Done(_) => return Ok(out),
@@ -151,10 +162,6 @@ fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetRespons
                 }
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            offset += len;
         }
     }
     Err(io::Error::other("sock_diag dump did not end"))
@@ -173,32 +180,19 @@ fn destroy_all(socket: &Socket, targets: &[(u8, u8, SocketId)]) -> io::Result<Ve
         let base = chunk_no * DESTROY_BATCH;
         let mut out = Vec::with_capacity(chunk.len() * 96);
         for (i, (family, protocol, id)) in chunk.iter().enumerate() {
-            let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | NLM_F_ACK;
-            header.sequence_number = (base + i) as u32;
-            let mut msg = NetlinkMessage::new(
-                header,
-                NetlinkPayload::from(SockDiagDestroy::new(request(
-                    *family,
-                    *protocol,
-                    id.clone(),
-                ))),
-            );
-            msg.finalize();
-            let start = out.len();
-            out.resize(start + msg.buffer_len(), 0);
-            msg.serialize(&mut out[start..]);
+            let destroy = SockDiagDestroy::new(request(*family, *protocol, id.clone()));
+            out.extend(encode(
+                NLM_F_REQUEST | NLM_F_ACK,
+                (base + i) as u32,
+                destroy,
+            ));
         }
         socket.send(&out, 0)?;
         let mut acked = 0;
         // Bounded: one ack per request.
         while acked < chunk.len() {
             let n = socket.recv(&mut &mut buf[..], 0)?;
-            let mut offset = 0;
-            while offset < n {
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = msg.header.length as usize;
+            for msg in messages(&buf[..n])? {
                 if let NetlinkPayload::Error(e) = msg.payload {
                     let seq = msg.header.sequence_number as usize;
                     if let Some(r) = results.get_mut(seq) {
@@ -206,10 +200,6 @@ fn destroy_all(socket: &Socket, targets: &[(u8, u8, SocketId)]) -> io::Result<Ve
                     }
                     acked += 1;
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
             }
         }
     }

@@ -375,25 +375,7 @@ impl UdpSink {
 
 /// Whatever arrives on an open stream within `wait` (stops at EOF/reset).
 pub fn read_for(stream: &mut std::net::TcpStream, wait: Duration) -> Vec<u8> {
-    let deadline = Instant::now() + wait;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        stream
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .ok();
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    out
+    read_until_end(stream, wait).0
 }
 
 /// Reads an open stream until it ends, bounded by `wait`: what arrived and
