@@ -149,32 +149,104 @@ pub fn agentd_sock_create(ctx: SockContext) -> i32 {
 /// to or from its sockets is dropped, so nothing crosses on a connection
 /// that was established before the switch was pulled. When the agent is not
 /// killed this is one storage read and one hash lookup per packet.
+///
+/// One exception on the way out: a bare TCP reset (RST set, no payload).
+/// The kill tears established connections down with SOCK_DESTROY, and the
+/// reset that sends is how the peer learns the connection is gone; dropping
+/// it would leave the peer holding a half-open connection (and a later
+/// connection from the same port would stall against it). A reset carries
+/// no data and can only end a connection, never open or feed one.
 #[cgroup_skb(egress)]
-pub fn agentd_egress(_ctx: SkBuffContext) -> i32 {
-    pass_unless_killed()
+pub fn agentd_egress(ctx: SkBuffContext) -> i32 {
+    match killed_slot() {
+        Some(slot) if !is_bare_tcp_reset(&ctx) => drop_packet(slot),
+        _ => ALLOW,
+    }
 }
 
 #[cgroup_skb(ingress)]
 pub fn agentd_ingress(_ctx: SkBuffContext) -> i32 {
-    pass_unless_killed()
+    killed_slot().map_or(ALLOW, drop_packet)
 }
 
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP_U8: u8 = 6;
+const TCP_FLAG_RST: u8 = 0x04;
+
+/// Whether the packet (starting at its IP header, as cgroup skb programs
+/// see it) is a TCP segment with RST set and no payload. IPv6 extension
+/// headers are not walked: the kernel's own resets carry none, and anything
+/// unusual is simply not a reset here (and stays dropped).
 #[inline(always)]
-fn pass_unless_killed() -> i32 {
-    // SAFETY: plain data, replaced whole by userspace.
-    let Some(agent) = (unsafe { AGENTS.get(&agent_cgroup()) }) else {
-        // No identity yet or no longer an agent: connects and sends are
-        // refused by the other hooks; there is no kill to enforce here.
-        return ALLOW;
+fn is_bare_tcp_reset(ctx: &SkBuffContext) -> bool {
+    let (tcp_off, ip_payload) = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let Ok(vihl) = ctx.load::<u8>(0) else {
+                return false;
+            };
+            let Ok(proto) = ctx.load::<u8>(9) else {
+                return false;
+            };
+            let Ok(frag) = ctx.load::<u16>(6) else {
+                return false;
+            };
+            let Ok(total) = ctx.load::<u16>(2) else {
+                return false;
+            };
+            // Fragments (offset or more-fragments set) are never resets.
+            if proto != IPPROTO_TCP_U8 || u16::from_be(frag) & 0x3fff != 0 {
+                return false;
+            }
+            let ihl = usize::from(vihl & 0x0f) * 4;
+            (ihl, usize::from(u16::from_be(total)).saturating_sub(ihl))
+        }
+        ETH_P_IPV6 => {
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return false;
+            };
+            let Ok(plen) = ctx.load::<u16>(4) else {
+                return false;
+            };
+            if next != IPPROTO_TCP_U8 {
+                return false;
+            }
+            (40, usize::from(u16::from_be(plen)))
+        }
+        _ => return false,
     };
-    if agent.flags & AGENT_KILLED == 0 {
-        return ALLOW;
+    if tcp_off > 60 {
+        return false;
     }
-    let slot = if agent.agent_id < MAX_AGENTS {
+    let Ok(doff) = ctx.load::<u8>(tcp_off + 12) else {
+        return false;
+    };
+    let Ok(flags) = ctx.load::<u8>(tcp_off + 13) else {
+        return false;
+    };
+    flags & TCP_FLAG_RST != 0 && usize::from(doff >> 4) * 4 == ip_payload
+}
+
+/// The agent's counter slot if the socket's agent is killed.
+#[inline(always)]
+fn killed_slot() -> Option<u32> {
+    // SAFETY: plain data, replaced whole by userspace.
+    let agent = unsafe { AGENTS.get(&agent_cgroup()) }?;
+    // No entry (no identity yet, or no longer an agent): connects and sends
+    // are refused by the other hooks; there is no kill to enforce here.
+    if agent.flags & AGENT_KILLED == 0 {
+        return None;
+    }
+    Some(if agent.agent_id < MAX_AGENTS {
         agent.agent_id
     } else {
         UNKNOWN_AGENT
-    };
+    })
+}
+
+/// Drops a killed agent's packet and counts it.
+#[inline(always)]
+fn drop_packet(slot: u32) -> i32 {
     if let Some(c) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { (*c).packets_dropped += 1 };
