@@ -14,17 +14,10 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     message::SockDiagDestroy,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-
-/// `INET_DIAG_CGROUP_ID` (Linux 5.8+): the socket's cgroup id, always sent.
-const INET_DIAG_CGROUP_ID: u16 = 21;
-/// TCP states that are not connections to tear down.
-const TCP_LISTEN: u8 = 10;
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_CLOSE: u8 = 7;
 
 /// What the teardown did.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -42,22 +35,30 @@ pub struct AbortReport {
 }
 
 /// The inode numbers of every socket the processes hold open.
+///
+/// Reads the `/proc/PID/fd` links (relative to the opened directory, which
+/// saves a path walk per descriptor). Nothing here touches the files
+/// themselves: duplicating them (pidfd_getfd) would be cheaper per
+/// descriptor, but closing the duplicate runs the file's flush, which a
+/// hostile agent could make block (a FUSE file) and so stall the kill.
 pub fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
     let mut out = HashSet::new();
     for pid in pids {
-        let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        let dir = format!("/proc/{pid}/fd");
+        let (Ok(fd_dir), Ok(entries)) = (fs::File::open(&dir), fs::read_dir(&dir)) else {
             continue;
         };
         for e in entries.flatten() {
-            if let Ok(target) = fs::read_link(e.path()) {
-                let t = target.to_string_lossy();
-                if let Some(n) = t
-                    .strip_prefix("socket:[")
-                    .and_then(|r| r.strip_suffix(']'))
-                    .and_then(|n| n.parse().ok())
-                {
-                    out.insert(n);
-                }
+            let Ok(target) = nix::fcntl::readlinkat(&fd_dir, e.file_name().as_os_str()) else {
+                continue;
+            };
+            if let Some(n) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
+            {
+                out.insert(n);
             }
         }
     }
@@ -130,33 +131,109 @@ fn messages(buf: &[u8]) -> io::Result<Vec<NetlinkMessage<SockDiagMessage>>> {
 }
 
 fn request(family: u8, protocol: u8, socket_id: SocketId) -> SockDiagMessage {
+    // Listeners are left alone (the kill's packet drop keeps them silent),
+    // and closed or TIME_WAIT entries are not connections. UDP sockets
+    // report TCP_CLOSE when unconnected and are torn down in every state.
+    let states = if protocol == IPPROTO_TCP {
+        StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE
+    } else {
+        StateFlags::all()
+    };
     SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol,
         extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
+        states,
         socket_id,
     })
 }
 
-/// Every socket of one family and protocol, from the kernel.
-fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetResponse>> {
+const TCP_SYN_SENT: u8 = 2;
+
+/// `INET_DIAG_REQ_BYTECODE`: a filter program the kernel runs on each
+/// socket of a dump, and its two instructions we use.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_JMP: u8 = 1;
+const INET_DIAG_BC_CGROUP_COND: u8 = 13;
+/// Cgroups one kernel-side filter names at most (a jump spans 16 bits);
+/// an agent with more sub-cgroups gets an unfiltered dump, filtered here.
+const MAX_FILTER_CGROUPS: usize = 1024;
+
+/// A sock_diag filter that keeps a socket when its cgroup is one of `ids`.
+/// Per id: "cgroup == id? fall into a jump to the end (keep) : go on to the
+/// next id"; failing the last one jumps past the end (drop).
+fn cgroup_filter(ids: &[u64]) -> Vec<u8> {
+    /// CGROUP_COND (4-byte op + u64) then JMP (4-byte op).
+    const UNIT: usize = 16;
+    let len = ids.len() * UNIT;
+    let mut bc = Vec::with_capacity(len);
+    for (i, id) in ids.iter().enumerate() {
+        let remaining = len - i * UNIT;
+        let no = if i + 1 == ids.len() {
+            remaining + 4
+        } else {
+            UNIT
+        };
+        bc.extend([INET_DIAG_BC_CGROUP_COND, 12]);
+        bc.extend((no as u16).to_ne_bytes());
+        bc.extend(id.to_ne_bytes());
+        bc.extend([INET_DIAG_BC_JMP, 4]);
+        bc.extend(((remaining - 12) as u16).to_ne_bytes());
+    }
+    bc
+}
+
+/// A socket to destroy, as a dump reported it.
+#[derive(Clone)]
+struct Target {
+    family: u8,
+    protocol: u8,
+    id: SocketId,
+    inode: u32,
+    state: u8,
+}
+
+/// Every socket of one family and protocol, from the kernel; with `only`,
+/// just those whose cgroup is one of these (the kernel filters).
+fn dump(
+    socket: &Socket,
+    family: u8,
+    protocol: u8,
+    only: Option<&[u64]>,
+    out: &mut Vec<Target>,
+) -> io::Result<()> {
     let id = if family == AF_INET {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
-    let flags = NLM_F_REQUEST | NLM_F_DUMP;
-    socket.send(&encode(flags, 0, request(family, protocol, id)), 0)?;
-    let mut out = Vec::new();
+    let mut req = encode(NLM_F_REQUEST | NLM_F_DUMP, 0, request(family, protocol, id));
+    if let Some(ids) = only {
+        use netlink_packet_core::Emitable as _;
+        let nla = netlink_packet_core::DefaultNla::new(INET_DIAG_REQ_BYTECODE, cgroup_filter(ids));
+        let at = req.len();
+        req.resize(at + nla.buffer_len(), 0);
+        nla.emit(&mut req[at..]);
+        let len = req.len() as u32;
+        req[..4].copy_from_slice(&len.to_ne_bytes());
+    }
+    socket.send(&req, 0)?;
     let mut buf = vec![0u8; 1 << 16];
     // Bounded: a dump ends with NLMSG_DONE; this caps a misbehaving one.
     for _ in 0..100_000 {
         let n = socket.recv(&mut &mut buf[..], 0)?;
         for msg in messages(&buf[..n])? {
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => out.push(*r),
-                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push(Target {
+                        family,
+                        protocol,
+                        id: r.header.socket_id,
+                        inode: r.header.inode,
+                        state: r.header.state,
+                    })
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {
                     return Err(io::Error::from_raw_os_error(e.code.map_or(0, |c| -c.get())));
                 }
@@ -167,20 +244,31 @@ fn dump(socket: &Socket, family: u8, protocol: u8) -> io::Result<Vec<InetRespons
     Err(io::Error::other("sock_diag dump did not end"))
 }
 
+/// Every TCP and UDP socket, IPv4 and IPv6 (see [`dump`]).
+fn dump_every_kind(socket: &Socket, only: Option<&[u64]>) -> io::Result<Vec<Target>> {
+    let mut out = Vec::new();
+    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+        for family in [AF_INET, AF_INET6] {
+            dump(socket, family, protocol, only, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
 /// Destroy requests sent per write: one netlink round trip per socket would
 /// make tearing down 10 000 connections take a quarter of a second.
 const DESTROY_BATCH: usize = 256;
 
 /// Destroys sockets in batches (many requests per write, then their acks)
 /// and returns, per socket, the kernel's answer (0 or -errno).
-fn destroy_all(socket: &Socket, targets: &[(u8, u8, SocketId)]) -> io::Result<Vec<i32>> {
+fn destroy_all(socket: &Socket, targets: &[Target]) -> io::Result<Vec<i32>> {
     let mut results = vec![0i32; targets.len()];
     let mut buf = vec![0u8; 1 << 16];
     for (chunk_no, chunk) in targets.chunks(DESTROY_BATCH).enumerate() {
         let base = chunk_no * DESTROY_BATCH;
         let mut out = Vec::with_capacity(chunk.len() * 96);
-        for (i, (family, protocol, id)) in chunk.iter().enumerate() {
-            let destroy = SockDiagDestroy::new(request(*family, *protocol, id.clone()));
+        for (i, t) in chunk.iter().enumerate() {
+            let destroy = SockDiagDestroy::new(request(t.family, t.protocol, t.id.clone()));
             out.extend(encode(
                 NLM_F_REQUEST | NLM_F_ACK,
                 (base + i) as u32,
@@ -206,15 +294,33 @@ fn destroy_all(socket: &Socket, targets: &[(u8, u8, SocketId)]) -> io::Result<Ve
     Ok(results)
 }
 
-fn cgroup_of(r: &InetResponse) -> Option<u64> {
-    use netlink_packet_core::Nla as _;
-    r.nlas.iter().find_map(|nla| match nla {
-        Nla::Other(d) if d.kind() == INET_DIAG_CGROUP_ID && d.value_len() == 8 => {
-            let mut v = [0u8; 8];
-            d.emit_value(&mut v);
-            Some(u64::from_ne_bytes(v))
+/// Destroy workers at most: each reset is sent and delivered to a loopback
+/// peer on the destroying CPU, so the work spreads over CPUs.
+const MAX_DESTROY_WORKERS: usize = 4;
+
+/// [`destroy_all`] split over one netlink socket per CPU (up to
+/// [`MAX_DESTROY_WORKERS`]); results in the order of `targets`.
+fn destroy_parallel(targets: &[Target]) -> io::Result<Vec<i32>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_DESTROY_WORKERS);
+    if workers < 2 || targets.len() < 2 * DESTROY_BATCH {
+        return destroy_all(&connect()?, targets);
+    }
+    let per = targets.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = targets
+            .chunks(per)
+            .map(|part| s.spawn(move || destroy_all(&connect()?, part)))
+            .collect();
+        let mut out = Vec::with_capacity(targets.len());
+        for part in parts {
+            out.extend(
+                part.join()
+                    .map_err(|_| io::Error::other("a destroy worker panicked"))??,
+            );
         }
-        _ => None,
+        Ok(out)
     })
 }
 
@@ -223,48 +329,43 @@ fn cgroup_of(r: &InetResponse) -> Option<u64> {
 /// its processes. Listening sockets are left; the kill's packet drop keeps
 /// them silent.
 ///
-/// One sock_diag dump serves both: sockets in the agent's cgroups are
-/// destroyed at once while another thread reads the processes' file
-/// descriptors; sockets outside the cgroups that those processes hold
-/// (smuggled in) are then destroyed from the same dump.
+/// The kernel lists the sockets of the agent's cgroups (a filtered dump)
+/// and they are destroyed at once, over several CPUs, while another thread
+/// reads the processes' file descriptors. Only if the processes hold a
+/// socket that was not in that list (passed in, inherited, or not TCP/UDP
+/// at all) is every socket listed, to find and destroy the TCP/UDP ones.
 pub fn abort(cgroup_dir: &Path, pids: Vec<u32>, received: Instant) -> io::Result<AbortReport> {
     let scan = std::thread::spawn(move || socket_inodes(&pids));
-    let cgroups = cgroup_ids(cgroup_dir);
+    let cgroups: Vec<u64> = cgroup_ids(cgroup_dir).into_iter().collect();
     let socket = connect()?;
-    let dump_start = Instant::now();
-    let mut by_cgroup = Vec::new();
-    let mut others: std::collections::HashMap<u32, (u8, u8, SocketId)> = Default::default();
-    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
-        for family in [AF_INET, AF_INET6] {
-            for r in dump(&socket, family, protocol)? {
-                let state = r.header.state;
-                if protocol == IPPROTO_TCP
-                    && matches!(state, TCP_LISTEN | TCP_TIME_WAIT | TCP_CLOSE)
-                {
-                    continue;
-                }
-                if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) {
-                    by_cgroup.push((family, protocol, r.header.socket_id));
-                } else {
-                    others.insert(r.header.inode, (family, protocol, r.header.socket_id));
-                }
-            }
-        }
+    let mut report = AbortReport::default();
+
+    let started = Instant::now();
+    let mut owned = Vec::new();
+    for ids in cgroups.chunks(MAX_FILTER_CGROUPS) {
+        owned.extend(dump_every_kind(&socket, Some(ids))?);
     }
-    let mut report = AbortReport {
-        dump_us: dump_start.elapsed().as_secs_f64() * 1e6,
-        ..AbortReport::default()
-    };
-    let destroy_start = Instant::now();
-    let first = destroy_all(&socket, &by_cgroup)?;
-    let inodes = scan.join().unwrap_or_default();
-    let smuggled: Vec<_> = others
-        .into_iter()
-        .filter(|(inode, _)| inodes.contains(inode))
-        .map(|(_, target)| target)
-        .collect();
+    report.dump_us = started.elapsed().as_secs_f64() * 1e6;
+    // Connects in flight first: their SYNs are dropped now, so the threads
+    // that started them sit blocked until their socket is destroyed.
+    owned.sort_by_key(|t| t.protocol != IPPROTO_TCP || t.state != TCP_SYN_SENT);
+    let started = Instant::now();
+    let first = destroy_parallel(&owned)?;
+    report.destroy_us = started.elapsed().as_secs_f64() * 1e6;
+
+    let held = scan.join().unwrap_or_default();
+    let known: HashSet<u32> = owned.iter().map(|t| t.inode).collect();
+    let mut smuggled = Vec::new();
+    if held.iter().any(|inode| !known.contains(inode)) {
+        let started = Instant::now();
+        smuggled = dump_every_kind(&socket, None)?;
+        smuggled.retain(|t| held.contains(&t.inode) && !known.contains(&t.inode));
+        report.dump_us += started.elapsed().as_secs_f64() * 1e6;
+    }
+    let started = Instant::now();
     let second = destroy_all(&socket, &smuggled)?;
-    report.destroy_us = destroy_start.elapsed().as_secs_f64() * 1e6;
+    report.destroy_us += started.elapsed().as_secs_f64() * 1e6;
+
     let tagged = first
         .into_iter()
         .map(|c| (c, false))

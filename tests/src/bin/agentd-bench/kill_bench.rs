@@ -41,7 +41,8 @@ fn raise_nofile() {
 }
 
 /// The agent: on "open", opens CONNECTIONS streams to `hold`; then runs a
-/// connect loop against `probe` and, on "report", prints the CLOCK_MONOTONIC
+/// connect loop against `probe` (refused by the peer until the kill, by
+/// agentd after it) and, on "report", prints the CLOCK_MONOTONIC
 /// time of its first refused connect since the last "open".
 pub fn agent(hold: &str, probe: &str) {
     raise_nofile();
@@ -106,6 +107,28 @@ pub fn agent(hold: &str, probe: &str) {
     }
 }
 
+/// A loopback TCP socket bound to a free port but not listening (kept open
+/// so no one else takes the port), and its address.
+fn bound_not_listening() -> (std::os::fd::OwnedFd, SocketAddr) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: plain socket calls on a descriptor we own; the address
+    // structs are valid for the lengths passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as u16;
+        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        assert_eq!(libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len), 0);
+        let mut got = len;
+        libc::getsockname(fd.as_raw_fd(), (&raw mut sa).cast(), &mut got);
+        let port = u16::from_be(sa.sin_port);
+        (fd, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -123,9 +146,13 @@ pub fn run() {
     let hold = TcpListener::bind("127.0.0.1:0").unwrap();
     // SAFETY: resizing the backlog of our own listener.
     unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&hold), 65_535) };
-    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&probe), 65_535) };
-    let (hold_addr, probe_addr) = (hold.local_addr().unwrap(), probe.local_addr().unwrap());
+    // The connect loop aims at an allowed port that is bound but not
+    // listening: before the kill each attempt is refused by the peer at
+    // once (ECONNREFUSED), after it by agentd (EPERM). A listener there
+    // would let the loop block in connect once its backlog filled, and (b)
+    // would time the backlog instead of the switch.
+    let (_probe, probe_addr) = bound_not_listening();
+    let hold_addr = hold.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     // Acceptors keep the server ends open (the held ones) or drop them.
     let keep = {
@@ -143,14 +170,6 @@ pub fn run() {
                 if kept.len() > CONNECTIONS + CONNECTIONS / 2 {
                     kept.drain(..kept.len() - CONNECTIONS);
                 }
-            }
-        })
-    };
-    let drop_probe = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = probe.accept();
             }
         })
     };
@@ -231,9 +250,7 @@ pub fn run() {
     let _ = agent.wait();
     // Wake the blocking acceptors.
     let _ = TcpStream::connect(hold_addr);
-    let _ = TcpStream::connect(probe_addr);
     let _ = keep.join();
-    let _ = drop_probe.join();
 
     println!(
         "kill switch, agent holding {CONNECTIONS} established loopback TCP connections plus a connect loop; {ITERATIONS} kill/restore cycles"
