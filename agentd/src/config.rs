@@ -13,6 +13,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use crate::access::AccessConfig;
+use crate::access::validate_principal;
+
 /// A problem in a configuration file, located precisely enough to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -156,6 +159,23 @@ struct RawAgent {
     mode: Mode,
     #[serde(default)]
     allow: Vec<Spanned<RawRule>>,
+    /// Users and @groups who may `exec` into this agent (admins always can).
+    #[serde(default)]
+    launchers: Vec<Spanned<String>>,
+}
+
+/// `[access]` as written (spans kept for errors).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    socket_group: Option<Spanned<String>>,
+    #[serde(default)]
+    admins: Vec<Spanned<String>>,
+    #[serde(default)]
+    responders: Vec<Spanned<String>>,
+    #[serde(default)]
+    viewers: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +183,8 @@ struct RawAgent {
 struct RawConfig {
     #[serde(default = "default_daemon")]
     daemon: Spanned<DaemonConfig>,
+    #[serde(default)]
+    access: RawAccess,
     #[serde(default, rename = "agent")]
     agents: Vec<Spanned<RawAgent>>,
 }
@@ -249,12 +271,14 @@ pub struct Agent {
     pub description: String,
     pub mode: Mode,
     pub allow: Vec<Rule>,
+    pub launchers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
+    pub access: AccessConfig,
     pub agents: Vec<Agent>,
 }
 
@@ -300,6 +324,36 @@ impl Config {
         let daemon_span = raw.daemon.span();
         let daemon = raw.daemon.into_inner();
         validate_daemon(&daemon).map_err(|(key, msg)| at(daemon_span, &key, msg))?;
+        let principals = |list: Vec<Spanned<String>>, key: &str| {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    validate_principal(e.get_ref())
+                        .map_err(|m| at(e.span(), &format!("{key}[{i}]"), m))?;
+                    Ok(e.into_inner())
+                })
+                .collect::<Result<Vec<_>, Box<ConfigError>>>()
+        };
+        let access = AccessConfig {
+            socket_group: match raw.access.socket_group {
+                None => None,
+                Some(g) => {
+                    if g.get_ref().starts_with('@') {
+                        return Err(at(
+                            g.span(),
+                            "access.socket_group",
+                            "a group name, without `@`".into(),
+                        ));
+                    }
+                    validate_principal(g.get_ref())
+                        .map_err(|m| at(g.span(), "access.socket_group", m))?;
+                    Some(g.into_inner())
+                }
+            },
+            admins: principals(raw.access.admins, "access.admins")?,
+            responders: principals(raw.access.responders, "access.responders")?,
+            viewers: principals(raw.access.viewers, "access.viewers")?,
+        };
 
         let mut names = HashSet::new();
         let mut agents = Vec::with_capacity(raw.agents.len());
@@ -362,17 +416,20 @@ impl Config {
                     line: lines.locate(rule_span.start).0,
                 });
             }
+            let launchers = principals(agent.launchers, &key("launchers"))?;
             agents.push(Agent {
                 name: agent.name.into_inner(),
                 owner: agent.owner.into_inner(),
                 description: agent.description,
                 mode: agent.mode,
                 allow,
+                launchers,
             });
         }
         Ok(Self {
             path: path.to_owned(),
             daemon,
+            access,
             agents,
         })
     }

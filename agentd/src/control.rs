@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::{
+    access::{Action, Identity},
     audit::rfc3339,
     cgroup,
     daemon::State,
@@ -96,13 +97,6 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn ok(data: impl Serialize) -> Self {
-        Self {
-            ok: true,
-            error: None,
-            data: Some(serde_json::to_value(data).unwrap_or_default()),
-        }
-    }
     fn err(msg: impl Into<String>) -> Self {
         Self {
             ok: false,
@@ -121,8 +115,25 @@ struct Peer {
 }
 
 /// Binds the socket under a temporary name and renames it into place, so
-/// the socket path appears only when the daemon is ready to serve.
-pub fn bind(path: &Path) -> Result<UnixListener> {
+/// the socket path appears only when the daemon is ready to serve. The
+/// socket is root's, mode 0660, group `group` (root's group if none): only
+/// root and members of that group can connect at all; roles decide the rest.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    let gid = match group {
+        None => nix::unistd::Gid::from_raw(0),
+        Some(name) => {
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| {
+                    Error::Refused(format!("looking up access.socket_group {name:?}: {e}"))
+                })?
+                .ok_or_else(|| {
+                    Error::Refused(format!(
+                        "access.socket_group {name:?}: no such group on this host"
+                    ))
+                })?
+                .gid
+        }
+    };
     let dir = path.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp: PathBuf = dir.join(format!(
@@ -137,9 +148,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         path: path.to_owned(),
         source,
     })?;
-    // Root only until roles exist: the control socket holds the switch to
-    // every agent's network.
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+    nix::unistd::chown(&tmp, Some(nix::unistd::Uid::from_raw(0)), Some(gid))
+        .map_err(|e| Error::Refused(format!("chown {}: {e}", tmp.display())))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o660))
         .ctx(|| format!("chmod {}", tmp.display()))?;
     fs::rename(&tmp, path).ctx(|| format!("moving control socket into {}", path.display()))?;
     Ok(listener)
@@ -172,59 +183,203 @@ async fn handle_connection(stream: UnixStream, state: Arc<State>) {
             return;
         }
     };
+    // A handle on the caller process itself (Linux 6.5+), so that what we
+    // read about it by pid (cgroup, executable) can be confirmed to be
+    // about the same process and not a successor that reused the pid.
+    let pidfd = peer_pidfd(&stream);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
     let mut line = Vec::new();
-    let reply = match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await
-    {
-        Err(_) => Reply::err(format!("no request within {READ_TIMEOUT:?}")),
-        Ok(Err(e)) => Reply::err(format!("reading request: {e}")),
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let request = match read {
+        Err(_) => Err(format!("no request within {READ_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("reading request: {e}")),
         Ok(Ok(_)) if line.len() > MAX_REQUEST => {
-            Reply::err(format!("request larger than {MAX_REQUEST} bytes"))
+            Err(format!("request larger than {MAX_REQUEST} bytes"))
         }
-        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Reply::err(format!("malformed request: {e}")),
-            Ok(req) => dispatch(req, peer, &state, std::time::Instant::now()),
-        },
+        Ok(Ok(0)) => Err("connection closed before a request".into()),
+        Ok(Ok(_)) => {
+            serde_json::from_slice::<Request>(&line).map_err(|e| format!("malformed request: {e}"))
+        }
+    };
+    let caller = Caller::identify(peer, pidfd.as_ref(), &state);
+    let reply = match request {
+        Err(e) => {
+            caller.audit(&state, "invalid", None, "refused", Some(&e), None);
+            Reply::err(e)
+        }
+        Ok(req) => dispatch(req, &caller, &state, std::time::Instant::now()),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
     let _ = tokio::time::timeout(READ_TIMEOUT, write.write_all(&out)).await;
 }
 
-fn dispatch(req: Request, peer: Peer, state: &State, received: std::time::Instant) -> Reply {
-    let action = match &req {
-        Request::Ping => "ping",
-        Request::List => "list",
-        Request::Exec { .. } => "exec",
-        Request::Kill { .. } => "kill",
-        Request::Restore { .. } => "restore",
+/// `SO_PEERPIDFD` (Linux 6.5+): a pidfd for the peer process.
+fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
     };
-    // Until roles land, only root may use the control socket (it is 0600,
-    // this is the second lock on the same door).
-    if peer.uid != 0 {
-        state.audit.record_now(
-            "control",
-            serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": "only root may control agentd"}),
-        );
-        return Reply::err("permission denied: only root may control agentd");
+    // SAFETY: on success the kernel installed a new descriptor we now own.
+    (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has exited (the pidfd is readable).
+fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsFd as _;
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// A caller, identified by the kernel and the user database.
+struct Caller {
+    peer: Peer,
+    who: Identity,
+    exe: Option<String>,
+    /// The agent the caller runs inside, if any (unreadable counts as inside).
+    inside: Option<String>,
+    /// The caller exited while we looked it up (its pid may be another's).
+    gone: bool,
+}
+
+impl Caller {
+    fn identify(peer: Peer, pidfd: Option<&std::os::fd::OwnedFd>, state: &State) -> Self {
+        let exe = fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        let inside = caller_agent(state, peer.pid);
+        Self {
+            peer,
+            who: Identity::of_uid(peer.uid),
+            exe,
+            inside,
+            // Checked after the reads by pid: if the caller is still there,
+            // they were about the caller.
+            gone: pidfd.is_some_and(exited),
+        }
     }
-    // An agent must never steer agentd, whatever its uid.
-    if let Some(agent) = caller_agent(state, peer.pid) {
+
+    /// One audit event per request: who, what, on what, and how it ended.
+    fn audit(
+        &self,
+        state: &State,
+        action: &str,
+        target: Option<serde_json::Value>,
+        result: &str,
+        error: Option<&str>,
+        reason: Option<&str>,
+    ) {
         state.audit.record_now(
             "control",
-            serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": format!("caller is inside agent {agent}")}),
+            serde_json::json!({
+                "action": action,
+                "target": target,
+                "result": result,
+                "error": error,
+                "reason": reason,
+                "uid": self.peer.uid,
+                "user": self.who.user,
+                "pid": self.peer.pid,
+                "exe": self.exe,
+            }),
         );
-        return Reply::err(format!(
-            "permission denied: the caller runs inside agent {agent:?}"
+    }
+}
+
+fn dispatch(req: Request, caller: &Caller, state: &State, received: std::time::Instant) -> Reply {
+    let (action, target, reason) = match &req {
+        Request::Ping => (Action::Ping, None, None),
+        Request::List => (Action::List, None, None),
+        Request::Exec { agent, .. } => (Action::Exec, Some(serde_json::json!(agent)), None),
+        Request::Kill {
+            agents,
+            all,
+            reason,
+        } => (
+            Action::Kill,
+            Some(targets(agents, *all)),
+            Some(reason.clone()),
+        ),
+        Request::Restore {
+            agents,
+            all,
+            reason,
+        } => (
+            Action::Restore,
+            Some(targets(agents, *all)),
+            Some(reason.clone()),
+        ),
+    };
+    let reason = reason.as_deref();
+    let refuse = |why: String| {
+        caller.audit(
+            state,
+            action.name(),
+            target.clone(),
+            "refused",
+            Some(&why),
+            reason,
+        );
+        Reply::err(format!("permission denied: {why}"))
+    };
+    // An agent must never steer agentd, whatever its uid.
+    if let Some(agent) = &caller.inside {
+        return refuse(format!("the caller runs inside agent {agent:?}"));
+    }
+    if caller.gone {
+        return refuse("the caller exited before it could be identified".into());
+    }
+    let access = &state.config.access;
+    let allowed = match &req {
+        Request::Exec { agent, user, .. } => {
+            let launchers = state
+                .config
+                .agent(agent)
+                .map(|a| a.launchers.as_slice())
+                .unwrap_or_default();
+            let as_other = user
+                .as_deref()
+                .is_some_and(|u| caller.who.user.as_deref() != Some(u));
+            // A launcher runs commands as itself; only admins pick the user.
+            if as_other && !access.allows(&caller.who, Action::Exec) {
+                return refuse(format!(
+                    "only admins may run an agent's command as another user ({})",
+                    caller_name(caller)
+                ));
+            }
+            access.may_launch(&caller.who, launchers)
+        }
+        _ => access.allows(&caller.who, action),
+    };
+    if !allowed {
+        let role = access
+            .role_of(&caller.who)
+            .map_or("no role".to_owned(), |r| {
+                format!("role {r:?}").to_lowercase()
+            });
+        return refuse(format!(
+            "{} ({role}) may not {}",
+            caller_name(caller),
+            action.name()
         ));
     }
-    match req {
-        Request::Ping => Reply::ok(serde_json::json!({"pong": true})),
-        Request::List => match list(state) {
-            Ok(r) => Reply::ok(r),
-            Err(e) => Reply::err(e.to_string()),
-        },
+    let reply = match req {
+        Request::Ping => Ok(serde_json::json!({"pong": true})),
+        Request::List => list(state).and_then(to_value),
         Request::Kill {
             agents,
             all,
@@ -235,33 +390,52 @@ fn dispatch(req: Request, peer: Peer, state: &State, received: std::time::Instan
             all,
             reason,
         } => {
-            let kill = action == "kill";
-            let caller = crate::kill::Caller {
-                uid: peer.uid,
-                pid: peer.pid,
+            let by = crate::kill::Caller {
+                uid: caller.peer.uid,
+                pid: caller.peer.pid,
             };
-            match crate::kill::switch(state, received, &agents, all, &reason, caller, kill) {
-                Ok(r) => Reply::ok(r),
-                Err(e) => {
-                    state.audit.record_now(
-                        "control",
-                        serde_json::json!({"action": action, "uid": peer.uid, "pid": peer.pid, "result": "refused", "reason": e.to_string()}),
-                    );
-                    Reply::err(e.to_string())
-                }
+            let kill = action == Action::Kill;
+            crate::kill::switch(state, received, &agents, all, &reason, by, kill).and_then(to_value)
+        }
+        Request::Exec { agent, user, argv } => {
+            exec(state, caller.peer, &agent, user, argv).and_then(to_value)
+        }
+    };
+    match reply {
+        Ok(data) => {
+            caller.audit(state, action.name(), target, "ok", None, reason);
+            Reply {
+                ok: true,
+                error: None,
+                data: Some(data),
             }
         }
-        Request::Exec { agent, user, argv } => match exec(state, peer, &agent, user, argv) {
-            Ok(r) => Reply::ok(r),
-            Err(e) => {
-                state.audit.record_now(
-                    "session_refused",
-                    serde_json::json!({"agent": agent, "requested_by_uid": peer.uid, "requested_by_pid": peer.pid, "error": e.to_string()}),
-                );
-                Reply::err(e.to_string())
-            }
-        },
+        Err(e) => {
+            let e = e.to_string();
+            caller.audit(state, action.name(), target, "error", Some(&e), reason);
+            Reply::err(e)
+        }
     }
+}
+
+fn to_value(v: impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::Refused(format!("encoding the reply: {e}")))
+}
+
+fn targets(agents: &[String], all: bool) -> serde_json::Value {
+    if all {
+        serde_json::json!("*")
+    } else {
+        serde_json::json!(agents)
+    }
+}
+
+fn caller_name(caller: &Caller) -> String {
+    caller
+        .who
+        .user
+        .clone()
+        .unwrap_or_else(|| format!("uid {}", caller.peer.uid))
 }
 
 /// The agent whose cgroup (or a cgroup below it) holds the process, if any.

@@ -182,7 +182,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     // Ready: every agent's enforcement is in place.
     let socket = state.config.daemon.socket.clone();
-    let listener = control::bind(&socket)?;
+    let listener = control::bind(&socket, state.config.access.socket_group.as_deref())?;
     tracing::info!(
         socket = %socket.display(),
         agents = agent_names.len(),

@@ -6,6 +6,7 @@
 //! hook and verdict), [`events`] (ring buffer to audit line), [`audit`].
 //! Policy: [`config`] -> [`policy`] (pure compiler) -> [`maps`].
 
+pub mod access;
 pub mod audit;
 pub mod bpffs;
 pub mod cgroup;

@@ -196,3 +196,31 @@ fn unreadable_file_names_the_path() {
         "{e}"
     );
 }
+
+#[test]
+fn access_section_and_launchers() {
+    let c = parse(
+        "[access]\nsocket_group = \"agentd\"\nadmins = [\"alice\", \"@platform\"]\nresponders = [\"@secops\"]\nviewers = [\"@monitoring\"]\n\n[[agent]]\nname = \"crm\"\nowner = \"o\"\nlaunchers = [\"bob\", \"@crm-ops\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.access.socket_group.as_deref(), Some("agentd"));
+    assert_eq!(c.access.admins, ["alice", "@platform"]);
+    assert_eq!(c.access.responders, ["@secops"]);
+    assert_eq!(c.access.viewers, ["@monitoring"]);
+    assert_eq!(c.agents[0].launchers, ["bob", "@crm-ops"]);
+    // Defaults: nobody but root, socket group root's.
+    let c = parse("").unwrap();
+    assert_eq!(c.access, AccessConfig::default());
+}
+
+#[test]
+fn bad_access_entries_name_key_and_line() {
+    let e = err("[access]\nadmins = [\"alice\",\n  \"al ice\"]\n");
+    assert_eq!((e.line, e.key.as_str()), (3, "access.admins[1]"), "{e}");
+    let e = err("[access]\nsocket_group = \"@agentd\"\n");
+    assert_eq!((e.line, e.key.as_str()), (2, "access.socket_group"), "{e}");
+    let e = err("[[agent]]\nname = \"a\"\nowner = \"o\"\nlaunchers = [\"@\"]\n");
+    assert_eq!((e.line, e.key.as_str()), (4, "agent[0].launchers[0]"), "{e}");
+    let e = err("[access]\nroot = [\"x\"]\n");
+    assert_eq!(e.line, 2, "{e}");
+}
