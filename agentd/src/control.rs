@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use crate::{
-    access::{Action, Identity},
+    access::Action,
     audit::rfc3339,
     cgroup,
     daemon::State,
@@ -23,6 +23,9 @@ use crate::{
     maps::Counts,
     sessions::Session,
 };
+
+mod caller;
+use caller::{Caller, Peer, caller_name, peer_pidfd};
 
 /// Requests larger than this are refused unread.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -104,14 +107,6 @@ impl Reply {
             data: None,
         }
     }
-}
-
-/// Who is asking, from the kernel.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    uid: u32,
-    gid: u32,
-    pid: u32,
 }
 
 /// Binds the socket under a temporary name and renames it into place, so
@@ -213,91 +208,6 @@ async fn handle_connection(stream: UnixStream, state: Arc<State>) {
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
     let _ = tokio::time::timeout(READ_TIMEOUT, write.write_all(&out)).await;
-}
-
-/// `SO_PEERPIDFD` (Linux 6.5+): a pidfd for the peer process.
-fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    const SO_PEERPIDFD: libc::c_int = 77;
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `fd`.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            (&raw mut fd).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: on success the kernel installed a new descriptor we now own.
-    (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether the process behind a pidfd has exited (the pidfd is readable).
-fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
-    use std::os::fd::AsFd as _;
-    let mut fds = [nix::poll::PollFd::new(
-        pidfd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
-/// A caller, identified by the kernel and the user database.
-struct Caller {
-    peer: Peer,
-    who: Identity,
-    exe: Option<String>,
-    /// The agent the caller runs inside, if any (unreadable counts as inside).
-    inside: Option<String>,
-    /// The caller exited while we looked it up (its pid may be another's).
-    gone: bool,
-}
-
-impl Caller {
-    fn identify(peer: Peer, pidfd: Option<&std::os::fd::OwnedFd>, state: &State) -> Self {
-        let exe = fs::read_link(format!("/proc/{}/exe", peer.pid))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned());
-        let inside = caller_agent(state, peer.pid);
-        Self {
-            peer,
-            who: Identity::of_uid(peer.uid),
-            exe,
-            inside,
-            // Checked after the reads by pid: if the caller is still there,
-            // they were about the caller.
-            gone: pidfd.is_some_and(exited),
-        }
-    }
-
-    /// One audit event per request: who, what, on what, and how it ended.
-    fn audit(
-        &self,
-        state: &State,
-        action: &str,
-        target: Option<serde_json::Value>,
-        result: &str,
-        error: Option<&str>,
-        reason: Option<&str>,
-    ) {
-        state.audit.record_now(
-            "control",
-            serde_json::json!({
-                "action": action,
-                "target": target,
-                "result": result,
-                "error": error,
-                "reason": reason,
-                "uid": self.peer.uid,
-                "user": self.who.user,
-                "pid": self.peer.pid,
-                "exe": self.exe,
-            }),
-        );
-    }
 }
 
 fn dispatch(req: Request, caller: &Caller, state: &State, received: std::time::Instant) -> Reply {
@@ -428,25 +338,6 @@ fn targets(agents: &[String], all: bool) -> serde_json::Value {
     } else {
         serde_json::json!(agents)
     }
-}
-
-fn caller_name(caller: &Caller) -> String {
-    caller
-        .who
-        .user
-        .clone()
-        .unwrap_or_else(|| format!("uid {}", caller.peer.uid))
-}
-
-/// The agent whose cgroup (or a cgroup below it) holds the process, if any.
-fn caller_agent(state: &State, pid: u32) -> Option<String> {
-    let root = state.cgroups.relative(&state.cgroups.root);
-    // Unknown membership is treated as inside: fail closed.
-    let Ok(path) = cgroup::process_cgroup(pid) else {
-        return Some("<unknown: caller's cgroup unreadable>".into());
-    };
-    let rest = path.strip_prefix(&root)?.strip_prefix('/')?;
-    Some(rest.split('/').next().unwrap_or(rest).to_owned())
 }
 
 fn list(state: &State) -> Result<ListReply> {

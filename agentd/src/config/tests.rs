@@ -220,7 +220,11 @@ fn bad_access_entries_name_key_and_line() {
     let e = err("[access]\nsocket_group = \"@agentd\"\n");
     assert_eq!((e.line, e.key.as_str()), (2, "access.socket_group"), "{e}");
     let e = err("[[agent]]\nname = \"a\"\nowner = \"o\"\nlaunchers = [\"@\"]\n");
-    assert_eq!((e.line, e.key.as_str()), (4, "agent[0].launchers[0]"), "{e}");
+    assert_eq!(
+        (e.line, e.key.as_str()),
+        (4, "agent[0].launchers[0]"),
+        "{e}"
+    );
     let e = err("[access]\nroot = [\"x\"]\n");
     assert_eq!(e.line, 2, "{e}");
 }
