@@ -302,13 +302,14 @@ fn dispatch(req: Request, caller: &Caller, state: &State, received: std::time::I
         } => {
             let by = crate::kill::Caller {
                 uid: caller.peer.uid,
+                user: caller.who.user.clone(),
                 pid: caller.peer.pid,
             };
             let kill = action == Action::Kill;
             crate::kill::switch(state, received, &agents, all, &reason, by, kill).and_then(to_value)
         }
         Request::Exec { agent, user, argv } => {
-            exec(state, caller.peer, &agent, user, argv).and_then(to_value)
+            exec(state, caller, &agent, user, argv).and_then(to_value)
         }
     };
     match reply {
@@ -374,20 +375,14 @@ fn list(state: &State) -> Result<ListReply> {
     })
 }
 
-fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(uid.into())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-}
-
 fn exec(
     state: &State,
-    peer: Peer,
+    caller: &Caller,
     agent: &str,
     user: Option<String>,
     argv: Vec<String>,
 ) -> Result<ExecReply> {
+    let peer = caller.peer;
     if argv.is_empty() {
         return Err(Error::Refused("no command given".into()));
     }
@@ -404,7 +399,7 @@ fn exec(
         (a.cgroup_dir.clone(), killed)
     };
     let (uid, gid, groups, target_user) = match &user {
-        None => (peer.uid, peer.gid, Vec::new(), user_name(peer.uid)),
+        None => (peer.uid, peer.gid, Vec::new(), caller.who.user.clone()),
         Some(name) => {
             let u = nix::unistd::User::from_name(name)
                 .map_err(|e| Error::Refused(format!("looking up user {name:?}: {e}")))?
@@ -441,7 +436,7 @@ fn exec(
         agent: agent.to_owned(),
         pid: peer.pid,
         requested_by_uid: peer.uid,
-        requested_by_user: user_name(peer.uid),
+        requested_by_user: caller.who.user.clone(),
         requested_by_pid: peer.pid,
         target_uid: uid,
         target_user,

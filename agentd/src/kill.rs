@@ -97,9 +97,11 @@ pub struct SwitchOutcome {
 }
 
 /// The caller, as the kernel identified it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub uid: u32,
+    /// From the user database, looked up once when the caller connected.
+    pub user: Option<String>,
     pub pid: u32,
 }
 
@@ -134,10 +136,7 @@ pub fn switch(
             })
             .collect::<Result<_>>()?
     };
-    let by_user = nix::unistd::User::from_uid(caller.uid.into())
-        .ok()
-        .flatten()
-        .map(|u| u.name);
+    let by_user = caller.user.clone();
     let mut outcomes = Vec::with_capacity(chosen.len());
     let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
     let mut kills = state.kills.lock().unwrap_or_else(|p| p.into_inner());
