@@ -211,14 +211,22 @@ impl TestEnv {
     }
 
     pub fn public_probe(&self) -> String {
+        self.public_copy(Path::new(probe_bin()))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A copy of a binary in this test's world-readable directory, which
+    /// lowered users can reach (the build tree may sit under a private home).
+    fn public_copy(&self, src: &Path) -> PathBuf {
         use std::os::unix::fs::PermissionsExt as _;
-        let dst = self.dir.join("agentd-probe");
+        let dst = self.dir.join(src.file_name().expect("binary name"));
         if !dst.exists() {
-            fs::copy(probe_bin(), &dst).expect("copy probe");
+            fs::copy(src, &dst).expect("copy binary");
             fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
-            fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod probe");
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod binary");
         }
-        dst.to_string_lossy().into_owned()
+        dst
     }
 
     /// Every audit record so far.
@@ -565,14 +573,8 @@ impl TestEnv {
     /// Runs `agentd ARGS` against this test's socket as `user` (real and
     /// effective ids and the user's groups, from the user database).
     pub fn agentd_as(&self, user: &TestUser, args: &[&str]) -> std::process::Output {
-        use std::os::unix::fs::PermissionsExt as _;
         // The user must reach the binary and the socket's directory.
-        let bin = self.dir.join("agentd");
-        if !bin.exists() {
-            fs::copy(agentd_bin(), &bin).expect("copy agentd");
-            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod agentd");
-        }
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let bin = self.public_copy(&agentd_bin());
         Command::new("setpriv")
             .args([
                 "--reuid",
