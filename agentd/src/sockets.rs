@@ -41,7 +41,7 @@ pub struct AbortReport {
 /// themselves: duplicating them (pidfd_getfd) would be cheaper per
 /// descriptor, but closing the duplicate runs the file's flush, which a
 /// hostile agent could make block (a FUSE file) and so stall the kill.
-pub fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
+fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
     let mut out = HashSet::new();
     for pid in pids {
         let dir = format!("/proc/{pid}/fd");
@@ -66,13 +66,13 @@ pub fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
 }
 
 /// The ids of a cgroup and every cgroup below it.
-pub fn cgroup_ids(dir: &Path) -> HashSet<u64> {
-    fn walk(dir: &Path, out: &mut HashSet<u64>, depth: u32) {
+fn cgroup_ids(dir: &Path) -> Vec<u64> {
+    fn walk(dir: &Path, out: &mut Vec<u64>, depth: u32) {
         if depth > 32 {
             return;
         }
         if let Ok(id) = crate::cgroup::cgroup_id(dir) {
-            out.insert(id);
+            out.push(id);
         }
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
@@ -82,7 +82,7 @@ pub fn cgroup_ids(dir: &Path) -> HashSet<u64> {
             }
         }
     }
-    let mut out = HashSet::new();
+    let mut out = Vec::new();
     walk(dir, &mut out, 0);
     out
 }
@@ -336,7 +336,7 @@ fn destroy_parallel(targets: &[Target]) -> io::Result<Vec<i32>> {
 /// at all) is every socket listed, to find and destroy the TCP/UDP ones.
 pub fn abort(cgroup_dir: &Path, pids: Vec<u32>, received: Instant) -> io::Result<AbortReport> {
     let scan = std::thread::spawn(move || socket_inodes(&pids));
-    let cgroups: Vec<u64> = cgroup_ids(cgroup_dir).into_iter().collect();
+    let cgroups = cgroup_ids(cgroup_dir);
     let socket = connect()?;
     let mut report = AbortReport::default();
 
