@@ -1,10 +1,11 @@
 //! The audit log: one JSON object per line, appended to `audit_log`.
+//! Live readers (`agentd events --follow`) get each line as it is written.
 use std::{
     fs::{self, File, OpenOptions},
     io::{BufWriter, Write as _},
     os::unix::fs::OpenOptionsExt as _,
-    path::Path,
-    sync::Mutex,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -14,8 +15,15 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::error::{IoContext as _, Result};
 
+pub mod query;
+
+/// Lines a slow live reader may fall behind before it is told it lost some.
+const LIVE_BACKLOG: usize = 4096;
+
 pub struct AuditLog {
+    path: PathBuf,
     out: Mutex<BufWriter<File>>,
+    live: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 impl AuditLog {
@@ -30,8 +38,19 @@ impl AuditLog {
             .open(path)
             .ctx(|| format!("opening audit log {}", path.display()))?;
         Ok(Self {
+            path: path.to_owned(),
             out: Mutex::new(BufWriter::with_capacity(1 << 16, file)),
+            live: tokio::sync::broadcast::channel(LIVE_BACKLOG).0,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every line recorded from now on, as written.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.live.subscribe()
     }
 
     /// Appends one record: `ts` and `event` first, then the fields given.
@@ -43,15 +62,19 @@ impl AuditLog {
         if let Value::Object(extra) = json!(fields) {
             obj.extend(extra);
         }
+        let line = Value::Object(obj).to_string();
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let line = Value::Object(obj);
         // A failing disk must not stop enforcement: it is reported and the
         // kernel's counters stay exact.
-        if let Err(e) = serde_json::to_writer(&mut *out, &line)
-            .map_err(std::io::Error::from)
+        if let Err(e) = out
+            .write_all(line.as_bytes())
             .and_then(|()| out.write_all(b"\n"))
         {
             tracing::error!(error = %e, "audit log write failed");
+        }
+        // Sent under the lock so live readers see lines in file order.
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(line.into());
         }
     }
 

@@ -10,7 +10,11 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use crate::control::{ExecReply, ListReply, Reply, Request};
+use crate::{
+    audit::query::EventFilter,
+    control::{AdoptReply, EventsReply, ExecReply, ListReply, Reply, Request, StatusReply},
+    reload::ReloadReport,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -30,25 +34,112 @@ pub enum ClientError {
     Refused(String),
 }
 
+/// How long a reply may take. Generous: a kill of an agent with many
+/// sockets, or a reload, takes a second or more on a busy host.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Sends one request and decodes the payload of a successful reply.
 pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, ClientError> {
+    let (_, value) = send(socket, req, Some(REPLY_TIMEOUT))?;
+    Ok(value)
+}
+
+/// Sends a request and reads the reply line; the stream stays open for
+/// whatever follows it.
+fn send<T: DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<(BufReader<UnixStream>, T), ClientError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.display().to_string(),
         source,
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(timeout)?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
+    let mut reader = BufReader::new(stream);
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
+    reader.read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(ClientError::Refused(
+            "agentd closed the connection without a reply".into(),
+        ));
+    }
     let reply: Reply = serde_json::from_str(&reply)?;
     if !reply.ok {
         return Err(ClientError::Refused(
             reply.error.unwrap_or_else(|| "no reason given".into()),
         ));
     }
-    Ok(serde_json::from_value(reply.data.unwrap_or_default())?)
+    Ok((
+        reader,
+        serde_json::from_value(reply.data.unwrap_or_default())?,
+    ))
+}
+
+pub fn status(socket: &Path, agent: &str) -> Result<StatusReply, ClientError> {
+    call(
+        socket,
+        &Request::Status {
+            agent: agent.to_owned(),
+        },
+    )
+}
+
+pub fn reload(socket: &Path) -> Result<ReloadReport, ClientError> {
+    call(socket, &Request::Reload)
+}
+
+pub fn adopt(
+    socket: &Path,
+    agent: &str,
+    pid: u32,
+    reason: &str,
+) -> Result<AdoptReply, ClientError> {
+    call(
+        socket,
+        &Request::Adopt {
+            agent: agent.to_owned(),
+            pid,
+            reason: reason.to_owned(),
+        },
+    )
+}
+
+/// Queries the audit log. With `follow`, `on_record` then gets every
+/// matching record as it is written, until it returns false or the daemon
+/// closes the stream.
+pub fn events(
+    socket: &Path,
+    filter: EventFilter,
+    follow: bool,
+    mut on_record: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<EventsReply, ClientError> {
+    let req = Request::Events { filter, follow };
+    // A live stream may be quiet for hours: no read timeout then.
+    let timeout = (!follow).then_some(REPLY_TIMEOUT);
+    let (mut reader, reply): (_, EventsReply) = send(socket, &req, timeout)?;
+    for e in &reply.events {
+        if !on_record(e) {
+            return Ok(reply);
+        }
+    }
+    if reply.following {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                break;
+            }
+            let record: serde_json::Value = serde_json::from_str(&line)?;
+            if !on_record(&record) {
+                break;
+            }
+        }
+    }
+    Ok(reply)
 }
 
 pub fn list(socket: &Path) -> Result<ListReply, ClientError> {
@@ -98,99 +189,4 @@ pub fn switch(
         }
     };
     call(socket, &req)
-}
-
-/// `agentd kill` / `agentd restore` for people.
-pub fn render_switch(
-    kill: bool,
-    outcomes: &[crate::kill::SwitchOutcome],
-    round_trip_us: f64,
-) -> String {
-    let mut out = String::new();
-    for o in outcomes {
-        if o.unchanged {
-            out.push_str(&format!(
-                "{}: already {}; nothing changed",
-                o.agent,
-                if kill { "killed" } else { "active" }
-            ));
-            if kill && o.sockets.aborted > 0 {
-                out.push_str(&format!(" (swept {} more sockets)", o.sockets.aborted));
-            }
-            out.push('\n');
-        } else if kill {
-            out.push_str(&format!(
-                "{}: KILLED. Kernel state flipped {:.0} µs after the request; last socket aborted at {:.0} µs; recorded at {:.0} µs.\n\
-                 \x20 new connects and sends: refused (EPERM); packets of its sockets: dropped both ways\n\
-                 \x20 sockets aborted: {} ({} found through process file descriptors), failed: {}\n\
-                 \x20 processes: {} left running for inspection\n",
-                o.agent,
-                o.flip_us,
-                o.sockets.last_abort_us,
-                o.total_us,
-                o.sockets.aborted,
-                o.sockets.via_fd,
-                o.sockets.failed,
-                o.processes
-            ));
-        } else {
-            out.push_str(&format!(
-                "{}: restored; its allowlist applies again ({:.0} µs after the request)\n",
-                o.agent, o.flip_us
-            ));
-        }
-    }
-    out.push_str(&format!("round trip: {:.0} µs\n", round_trip_us));
-    out
-}
-
-/// `agentd list` for people.
-pub fn render_list(reply: &ListReply) -> String {
-    let mut out = format!(
-        "{:<24} {:<28} {:<8} {:>6} {:>10} {:>10} {:>10}  {}\n",
-        "AGENT", "OWNER", "MODE", "PROCS", "ALLOWED", "DENIED", "AUDITED", "STATE"
-    );
-    for a in &reply.agents {
-        let mode = match a.mode {
-            crate::config::Mode::Enforce => "enforce",
-            crate::config::Mode::Audit => "audit",
-        };
-        let state = if a.killed {
-            "KILLED"
-        } else if a.enforcing {
-            "active"
-        } else {
-            "NOT ENFORCING"
-        };
-        out.push_str(&format!(
-            "{:<24} {:<28} {:<8} {:>6} {:>10} {:>10} {:>10}  {}\n",
-            a.name,
-            a.owner,
-            mode,
-            a.processes,
-            a.counts.allowed,
-            a.counts.denied,
-            a.counts.audited,
-            state
-        ));
-    }
-    for a in reply.agents.iter().filter(|a| a.killed) {
-        if let Some(k) = &a.kill {
-            out.push_str(&format!(
-                "{} killed at {} by {} (uid {}): {}\n",
-                a.name,
-                k.at,
-                k.by_user.as_deref().unwrap_or("?"),
-                k.by_uid,
-                k.reason
-            ));
-        }
-    }
-    if reply.events_lost > 0 {
-        out.push_str(&format!(
-            "warning: {} audit events lost (ring buffer full); verdicts and counts above are exact\n",
-            reply.events_lost
-        ));
-    }
-    out
 }

@@ -3,65 +3,63 @@
 //! pipeline. Enforcement lives in the kernel; the daemon can die without
 //! opening a gap.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    sync::{Arc, Mutex, RwLock, atomic::AtomicU32},
+    time::{Duration, Instant},
 };
 
-use agentd_ebpf::{AGENT_KILLED, AgentEntry, MODE_AUDIT, MODE_ENFORCE};
+use agentd_ebpf::{AGENT_KILLED, AgentEntry};
+use aya::Ebpf;
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use crate::enforce::{AgentRuntime, DENY_ALL_POLICY};
 use crate::{
     audit::AuditLog,
     bpffs,
     cgroup::{self, CgroupTree},
-    config::{Config, Mode, Rule},
+    config::Config,
     control,
+    enforce::{self, Kernel, Retirement},
     error::{Error, IoContext as _, Result},
     events,
     kill::KillState,
     maps::{PolicyMaps, free_agent_id},
-    policy::{CompiledPolicy, RuleIndex},
-    programs::{self, Attachment},
+    programs,
     sessions::Sessions,
 };
 
-/// Policy generation 0 is never written: an agent pointed at it may reach
-/// nothing. Used for agents removed from the config that still have processes.
-pub const DENY_ALL_POLICY: u32 = 0;
-
-/// An agent as the running daemon knows it.
-#[derive(Debug, Clone)]
-pub struct AgentRuntime {
-    pub name: String,
-    pub owner: String,
-    pub description: String,
-    pub mode: Mode,
-    pub rules: Vec<Rule>,
-    /// Names the rule behind an allow verdict in the audit log.
-    pub rule_index: RuleIndex,
-    pub agent_id: u32,
-    pub cgroup_id: u64,
-    pub cgroup_dir: PathBuf,
-    pub policy_id: u32,
-}
-
 /// What the daemon's tasks share.
 pub struct State {
-    pub config: Config,
+    /// Replaced whole by a reload; readers take a snapshot.
+    config: RwLock<Arc<Config>>,
     pub cgroups: CgroupTree,
     pub agents: RwLock<Vec<AgentRuntime>>,
     pub maps: Mutex<PolicyMaps>,
+    /// The loaded programs, attached to new agents' cgroups by reload. Held
+    /// for the whole of a reload: reloads never overlap.
+    pub ebpf: Mutex<Ebpf>,
     pub sessions: Mutex<Sessions>,
     pub kills: Mutex<KillState>,
     pub audit: AuditLog,
+    /// The next unused policy generation.
+    pub next_policy: AtomicU32,
+    /// Agents removed from the config whose processes still run, by name:
+    /// contained under deny-all and reported until their cgroup is empty.
+    pub retired: Mutex<BTreeMap<String, PathBuf>>,
 }
 
-fn mode_value(mode: Mode) -> u32 {
-    match mode {
-        Mode::Enforce => MODE_ENFORCE,
-        Mode::Audit => MODE_AUDIT,
+impl State {
+    /// The configuration in force (a snapshot: a reload replaces it whole).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 }
 
@@ -92,8 +90,8 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut runtimes = Vec::with_capacity(config.agents.len());
     let mut adopted = 0usize;
-    for (policy_id, agent) in (first_policy..).zip(&config.agents) {
-        let cgroup_dir = cgroups.agent_dir(&agent.name);
+    let mut next_policy = first_policy;
+    for agent in &config.agents {
         let cgroup_id = cgroups.ensure_agent(&agent.name)?;
         let previous = existing.get(&cgroup_id).copied();
         let agent_id = match previous {
@@ -106,83 +104,65 @@ pub async fn run(config: Config) -> Result<()> {
                 id
             }
         };
-        // Write the new generation beside the live one, then switch the
-        // agent to it in one update.
-        let compiled = CompiledPolicy::compile(&agent.allow);
-        maps.write_generation(&compiled.entries(policy_id))?;
-        maps.set_agent(
-            cgroup_id,
-            AgentEntry {
-                agent_id,
-                policy_id,
-                mode: mode_value(agent.mode),
-                // A pulled kill switch stays pulled across restarts and
-                // reboots, from before the first packet.
-                flags: killed_flag(&mut kills, &agent.name, previous),
-            },
-        )?;
-        let hooks = programs::attach_or_adopt(&mut ebpf, &bpffs_dir, &agent.name, &cgroup_dir)?;
-        for (hook, _) in &hooks {
-            maps.set_identity(cgroup_id, hook.attach_type)?;
-        }
-        if hooks.iter().all(|(_, a)| *a == Attachment::Adopted) {
-            adopted += 1;
-        }
-        runtimes.push(AgentRuntime {
-            name: agent.name.clone(),
-            owner: agent.owner.clone(),
-            description: agent.description.clone(),
-            mode: agent.mode,
-            rules: agent.allow.clone(),
-            rule_index: RuleIndex::new(&agent.allow),
-            agent_id,
-            cgroup_id,
-            cgroup_dir,
-            policy_id,
-        });
+        // A pulled kill switch stays pulled across restarts and reboots,
+        // from before the first packet.
+        let flags = killed_flag(&mut kills, &agent.name, previous);
+        let mut kernel = Kernel {
+            ebpf: &mut ebpf,
+            maps: &mut maps,
+            bpffs_dir: &bpffs_dir,
+            cgroups: &cgroups,
+        };
+        let (runtime, was_adopted) =
+            enforce::install(&mut kernel, agent, agent_id, next_policy, flags)?;
+        next_policy += 1;
+        adopted += usize::from(was_adopted);
+        runtimes.push(runtime);
     }
 
-    let retired = retire_removed_agents(&config, &cgroups, &mut maps, &existing, &runtimes)?;
+    let (released, contained) =
+        retire_removed_agents(&config, &cgroups, &mut maps, &existing, &runtimes)?;
 
     let live: HashSet<u32> = maps.agents()?.values().map(|e| e.policy_id).collect();
     maps.collect_garbage(&live)?;
 
     let config_state_dir = config.daemon.state_dir.clone();
+    let retired_names: Vec<&String> = contained.keys().collect();
+    let retired_json = serde_json::json!({"released": released, "contained": retired_names});
     let state = Arc::new(State {
-        config,
+        config: RwLock::new(Arc::new(config)),
         cgroups,
         agents: RwLock::new(runtimes),
         maps: Mutex::new(maps),
+        ebpf: Mutex::new(ebpf),
         sessions: Mutex::new(Sessions::load(&config_state_dir)),
         kills: Mutex::new(kills),
         audit,
+        next_policy: AtomicU32::new(next_policy),
+        retired: Mutex::new(contained),
     });
-    let agent_names: Vec<String> = state
-        .agents
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|a| a.name.clone())
-        .collect();
+    let config = state.config();
+    let agent_names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
     state.audit.record_now(
         "daemon_start",
         serde_json::json!({
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
-            "config": state.config.path,
+            "config": config.path,
             "agents": agent_names,
             "adopted": adopted,
-            "retired": retired,
+            "retired": retired_json,
             "setup_ms": started.elapsed().as_secs_f64() * 1e3,
         }),
     );
 
     tokio::spawn(events::run(ring, state.clone()));
     tokio::spawn(events::watch_losses(state.clone()));
+    tokio::spawn(watch_retired(state.clone()));
 
     // Ready: every agent's enforcement is in place.
-    let socket = state.config.daemon.socket.clone();
-    let listener = control::bind(&socket, state.config.access.socket_group.as_deref())?;
+    let socket = config.daemon.socket.clone();
+    let listener = control::bind(&socket, config.access.socket_group.as_deref())?;
     tracing::info!(
         socket = %socket.display(),
         agents = agent_names.len(),
@@ -199,12 +179,11 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            // SIGHUP must not kill the daemon (its default action). Live
-            // reload is not implemented yet; say so instead of pretending.
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP: live reload is not supported yet; restart agentd to apply a new config \
-                 (enforcement is kept across restarts)"
-            ),
+            _ = hup.recv() => {
+                let state = state.clone();
+                // The outcome is logged and on record either way.
+                let _ = tokio::task::spawn_blocking(move || crate::reload::reload(&state)).await;
+            }
         }
     }
     let _ = std::fs::remove_file(&socket);
@@ -215,13 +194,61 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!("agentd stopping; enforcement stays pinned in the kernel");
     // Drop the program handles without detaching: the pinned links keep
     // them attached.
-    drop(ebpf);
+    drop(state);
     Ok(())
+}
+
+/// How often agents removed from the config are checked for emptiness.
+const RETIRED_CHECK: Duration = Duration::from_secs(1);
+
+/// Releases retired agents once their last process is gone.
+async fn watch_retired(state: Arc<State>) {
+    let mut tick = tokio::time::interval(RETIRED_CHECK);
+    loop {
+        tick.tick().await;
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || release_empty(&state)).await;
+    }
+}
+
+fn release_empty(state: &State) {
+    let retired: Vec<(String, PathBuf)> = state
+        .retired
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(n, d)| (n.clone(), d.clone()))
+        .collect();
+    let bpffs_dir = state.config().daemon.bpffs_dir.clone();
+    for (name, dir) in retired {
+        let result = {
+            let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+            enforce::retire(&mut maps, &bpffs_dir, &name, &dir)
+        };
+        match result {
+            Ok(Retirement::Released) => {
+                state
+                    .retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                tracing::info!(agent = %name, "removed agent's last process exited; released");
+                state.audit.record_now(
+                    "agent_released",
+                    serde_json::json!({"agent": name, "why": "removed from the config; its last process exited"}),
+                );
+            }
+            Ok(Retirement::Contained { .. }) => {}
+            Err(e) => {
+                tracing::error!(agent = %name, error = %e, "releasing a removed agent failed")
+            }
+        }
+    }
 }
 
 /// The killed flag for an agent at start-up: killed if the state file or the
 /// pinned kernel state says so (either alone is enough: fail closed).
-fn killed_flag(kills: &mut KillState, agent: &str, previous: Option<AgentEntry>) -> u32 {
+pub(crate) fn killed_flag(kills: &mut KillState, agent: &str, previous: Option<AgentEntry>) -> u32 {
     let in_kernel = previous.is_some_and(|p| p.flags & AGENT_KILLED != 0);
     if in_kernel && !kills.killed.contains_key(agent) {
         kills.killed.insert(
@@ -268,45 +295,28 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::Fi
 }
 
 /// Agents that are pinned but no longer configured: released when their
-/// cgroup is empty, otherwise kept contained with no access at all.
+/// cgroup is empty, otherwise kept contained with no access at all. Returns
+/// the released names and the contained ones with their cgroups.
 fn retire_removed_agents(
     config: &Config,
     cgroups: &CgroupTree,
     maps: &mut PolicyMaps,
     existing: &HashMap<u64, AgentEntry>,
     runtimes: &[AgentRuntime],
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, BTreeMap<String, PathBuf>)> {
     let configured: HashSet<u64> = runtimes.iter().map(|a| a.cgroup_id).collect();
-    let mut retired = Vec::new();
+    let mut released = Vec::new();
+    let mut contained = BTreeMap::new();
     for name in bpffs::pinned_agents(&config.daemon.bpffs_dir) {
         if config.agent(&name).is_some() {
             continue;
         }
         let dir = cgroups.agent_dir(&name);
-        let procs = if dir.exists() {
-            cgroup::processes(&dir)?
-        } else {
-            Vec::new()
-        };
-        let cgroup_id = cgroup::cgroup_id(&dir).ok();
-        if procs.is_empty() {
-            programs::remove_links(&config.daemon.bpffs_dir, &name)?;
-            if let Some(id) = cgroup_id {
-                maps.remove_agent(id)?;
+        match enforce::retire(maps, &config.daemon.bpffs_dir, &name, &dir)? {
+            Retirement::Released => released.push(name),
+            Retirement::Contained { .. } => {
+                contained.insert(name, dir);
             }
-            let _ = cgroup::remove_tree(&dir);
-            retired.push(name);
-        } else if let Some(id) = cgroup_id {
-            let prev = existing.get(&id).copied().unwrap_or_default();
-            maps.set_agent(
-                id,
-                AgentEntry {
-                    policy_id: DENY_ALL_POLICY,
-                    mode: MODE_ENFORCE,
-                    ..prev
-                },
-            )?;
-            tracing::warn!(agent = %name, processes = procs.len(), "agent removed from config still has processes; kept contained with no network access");
         }
     }
     // Entries whose cgroup is gone entirely.
@@ -319,5 +329,5 @@ fn retire_removed_agents(
             maps.remove_agent(*id)?;
         }
     }
-    Ok(retired)
+    Ok((released, contained))
 }

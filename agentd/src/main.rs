@@ -1,89 +1,32 @@
-//! The `agentd` binary: the daemon and the CLI that talks to it.
-use std::{path::PathBuf, process::ExitCode};
+//! The `agentd` binary: the daemon and the CLI that talks to it. Every
+//! command prints for people by default and, with `--json`, the reply as
+//! JSON (errors too: `{"ok": false, "error": ...}`); the exit status says
+//! whether it worked.
+use std::{path::Path, process::ExitCode};
 
-use agentd::{client, config::Config, daemon, launch, teardown};
+use agentd::{
+    audit::query::EventFilter,
+    cli::{Cli, Command},
+    client,
+    config::Config,
+    daemon, launch, render, teardown,
+};
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "agentd",
-    version,
-    about = "Contain AI agents at kernel level: per-agent egress allowlists, audit trail, kill switch"
-)]
-struct Cli {
-    /// Control socket of the daemon.
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTD_SOCKET",
-        default_value = "/run/agentd/agentd.sock"
-    )]
-    socket: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the daemon: enforce every agent in the config, serve the control socket.
-    Daemon {
-        #[arg(long, default_value = "/etc/agentd/agentd.toml")]
-        config: PathBuf,
-    },
-    /// Validate a config file; prints the first problem with file, line and key.
-    CheckConfig { path: PathBuf },
-    /// Run a command inside an agent (its children and threads included).
-    Exec {
-        #[arg(long)]
-        agent: String,
-        /// Run as this user (uid, gid and groups from the user database).
-        #[arg(long)]
-        user: Option<String>,
-        #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
-        command: Vec<String>,
-    },
-    /// Every agent with owner, mode, live processes and decision counts.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Cut all of an agent's network access now; its processes keep running.
-    Kill {
-        /// The agent (or --all).
-        agent: Option<String>,
-        #[arg(long, conflicts_with = "agent")]
-        all: bool,
-        /// Why (recorded in the audit log and shown by `list`).
-        #[arg(long, required = true)]
-        reason: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Lift the kill switch: the agent's allowlist applies again.
-    Restore {
-        agent: Option<String>,
-        #[arg(long, conflicts_with = "agent")]
-        all: bool,
-        #[arg(long, required = true)]
-        reason: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove everything agentd installed (the daemon must be stopped).
-    Teardown {
-        #[arg(long, default_value = "/etc/agentd/agentd.toml")]
-        config: PathBuf,
-        /// Kill agent processes that are still running instead of refusing.
-        #[arg(long)]
-        force: bool,
-    },
-}
+use clap::Parser as _;
+use serde::Serialize;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.command.json();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if json => {
+            println!(
+                "{}",
+                serde_json::json!({"ok": false, "error": format!("{e:#}")})
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("agentd: error: {e:#}");
             ExitCode::FAILURE
@@ -91,7 +34,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints the reply: as JSON, or rendered for people.
+fn show<T: Serialize>(
+    json: bool,
+    reply: &T,
+    human: impl FnOnce(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(reply)?);
+    } else {
+        print!("{}", human(reply));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = cli.socket.as_path();
     match cli.command {
         Command::Daemon { config } => {
             tracing_subscriber::fmt()
@@ -113,16 +71,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("agentd daemon")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { path } => match Config::load(&path) {
+        Command::CheckConfig { path, json } => match Config::load(&path) {
             Ok(c) => {
                 let rules: usize = c.agents.iter().map(|a| a.allow.len()).sum();
+                let summary = serde_json::json!({
+                    "ok": true,
+                    "path": path,
+                    "agents": c.agents.len(),
+                    "rules": rules,
+                });
+                show(json, &summary, |_| {
+                    format!(
+                        "{}: ok ({} agents, {rules} rules)\n",
+                        path.display(),
+                        c.agents.len()
+                    )
+                })
+            }
+            Err(e) if json => {
                 println!(
-                    "{}: ok ({} agents, {} rules)",
-                    path.display(),
-                    c.agents.len(),
-                    rules
+                    "{}",
+                    serde_json::json!({
+                        "ok": false,
+                        "error": e.to_string(),
+                        "path": e.path,
+                        "line": e.line,
+                        "column": e.column,
+                        "key": e.key,
+                        "message": e.message,
+                    })
                 );
-                Ok(ExitCode::SUCCESS)
+                Ok(ExitCode::FAILURE)
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -134,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             user,
             command,
         } => {
-            let err = match launch::exec(&cli.socket, &agent, user.as_deref(), &command) {
+            let err = match launch::exec(socket, &agent, user.as_deref(), &command) {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
@@ -142,46 +121,108 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // 127 like a shell when the command cannot run at all.
             Ok(ExitCode::from(127))
         }
-        Command::List { json } => {
-            let reply = client::list(&cli.socket)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
-            } else {
-                print!("{}", client::render_list(&reply));
+        Command::Adopt {
+            agent,
+            pid,
+            reason,
+            json,
+        } => {
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must not be empty");
             }
-            Ok(ExitCode::SUCCESS)
+            show(
+                json,
+                &client::adopt(socket, &agent, pid, &reason)?,
+                render::adopt,
+            )
+        }
+        Command::List { json } => show(json, &client::list(socket)?, render::list),
+        Command::Status { agent, json } => {
+            show(json, &client::status(socket, &agent)?, render::status)
+        }
+        Command::Events {
+            agent,
+            verdict,
+            event,
+            since,
+            limit,
+            follow,
+            json,
+        } => {
+            let filter = EventFilter {
+                agent,
+                verdict: verdict.map(Into::into),
+                event,
+                since,
+                limit,
+            };
+            events(socket, filter, follow, json)
         }
         Command::Kill {
             agent,
             all,
             reason,
             json,
-        } => switch(&cli.socket, true, agent, all, &reason, json),
+        } => switch(socket, true, agent, all, &reason, json),
         Command::Restore {
             agent,
             all,
             reason,
             json,
-        } => switch(&cli.socket, false, agent, all, &reason, json),
-        Command::Teardown { config, force } => {
+        } => switch(socket, false, agent, all, &reason, json),
+        Command::Reload { json } => show(json, &client::reload(socket)?, render::reload),
+        Command::Teardown {
+            config,
+            force,
+            json,
+        } => {
             let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let report = teardown::teardown(&config, force)?;
-            for (agent, n) in &report.killed {
-                println!("killed {n} processes of agent {agent}");
-            }
-            if report.removed_pins {
-                println!("removed {}", config.daemon.bpffs_dir.display());
-            }
-            for dir in &report.removed_cgroups {
-                println!("removed cgroup {}", dir.display());
-            }
-            Ok(ExitCode::SUCCESS)
+            show(json, &report, |report| {
+                let mut out = String::new();
+                for (agent, n) in &report.killed {
+                    out.push_str(&format!("killed {n} processes of agent {agent}\n"));
+                }
+                if report.removed_pins {
+                    out.push_str(&format!("removed {}\n", config.daemon.bpffs_dir.display()));
+                }
+                for dir in &report.removed_cgroups {
+                    out.push_str(&format!("removed cgroup {}\n", dir.display()));
+                }
+                out
+            })
         }
     }
 }
 
+/// `agentd events`: one line per record, for people or as JSON lines (the
+/// records exactly as logged), the same with and without --follow.
+fn events(
+    socket: &Path,
+    filter: EventFilter,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let reply = client::events(socket, filter, follow, |record| {
+        let mut out = stdout.lock();
+        let line = if json {
+            record.to_string()
+        } else {
+            render::event(record)
+        };
+        // A closed pipe (`| head`) ends the stream quietly.
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    })?;
+    if reply.truncated && !json {
+        eprintln!("(older matching records not shown; see --limit and --since)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn switch(
-    socket: &std::path::Path,
+    socket: &Path,
     kill: bool,
     agent: Option<String>,
     all: bool,
@@ -206,7 +247,7 @@ fn switch(
             }))?
         );
     } else {
-        print!("{}", client::render_switch(kill, &outcomes, round_trip));
+        print!("{}", render::switch(kill, &outcomes, round_trip));
     }
     Ok(ExitCode::SUCCESS)
 }

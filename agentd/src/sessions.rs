@@ -24,10 +24,28 @@ pub struct Session {
     pub target_user: Option<String>,
     pub command: Vec<String>,
     pub started: String,
+    /// `exec` (started by `agentd exec`) or `adopt` (a running process
+    /// moved in by `agentd adopt`).
+    #[serde(default = "exec_kind")]
+    pub how: String,
+    /// Why, for adoptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The process's start time (clock ticks since boot, /proc/PID/stat
     /// field 22): tells a live session's process from a reused pid.
     #[serde(default)]
     pub proc_start: u64,
+}
+
+fn exec_kind() -> String {
+    "exec".into()
+}
+
+impl Session {
+    /// Whether the session's first process still runs (same pid, same start).
+    pub fn alive(&self) -> bool {
+        self.proc_start != 0 && start_time(self.pid) == Some(self.proc_start)
+    }
 }
 
 #[derive(Default)]
@@ -113,6 +131,18 @@ impl Sessions {
             }
         }
         self.by_pid.insert(session.pid, session);
+    }
+
+    /// The agent's sessions, most recent first.
+    pub fn of_agent(&self, agent: &str) -> Vec<Session> {
+        let mut out: Vec<Session> = self
+            .by_pid
+            .values()
+            .filter(|s| s.agent == agent)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.started.cmp(&a.started).then(b.id.cmp(&a.id)));
+        out
     }
 
     /// The session a process belongs to, if it (or an ancestor, up to 64

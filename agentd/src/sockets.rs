@@ -389,3 +389,19 @@ pub fn abort(cgroup_dir: &Path, pids: Vec<u32>, received: Instant) -> io::Result
     }
     Ok(report)
 }
+
+/// How many open TCP/UDP sockets (listeners aside) the processes hold.
+/// Used when a running process is adopted: sockets it opened before carry
+/// their old cgroup, so the agent's hooks never judge them (the kill switch
+/// still cuts them, through the processes' descriptors).
+pub fn held_inet_sockets(pids: &[u32]) -> io::Result<usize> {
+    let held = socket_inodes(pids);
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let socket = connect()?;
+    Ok(dump_every_kind(&socket, None)?
+        .iter()
+        .filter(|t| held.contains(&t.inode))
+        .count())
+}

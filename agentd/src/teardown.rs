@@ -12,7 +12,7 @@ use crate::{
     error::{Error, IoContext as _, Result},
 };
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
     pub killed: Vec<(String, usize)>,
     pub removed_cgroups: Vec<PathBuf>,

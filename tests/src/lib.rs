@@ -178,6 +178,22 @@ impl TestEnv {
             .expect("run agentd")
     }
 
+    /// Runs `agentd ARGS --json`, which must succeed, and parses its output.
+    pub fn agentd_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.agentd(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "agentd {all:?} failed ({}): stdout={stdout} stderr={}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("agentd {all:?} printed no JSON ({e}): {stdout}"))
+    }
+
     /// Runs the probe inside `agent` through `agentd exec` and returns its
     /// JSON result.
     pub fn probe(&self, agent: &str, op: &[&str]) -> Value {
@@ -491,8 +507,17 @@ impl ProbeProcess {
     }
 
     pub fn op(&mut self, op: &str) -> Value {
+        self.start_op(op);
+        self.result()
+    }
+
+    /// Starts a long operation; [`ProbeProcess::result`] waits for it.
+    pub fn start_op(&mut self, op: &str) {
         writeln!(self.stdin, "{op}").expect("probe stdin");
         self.stdin.flush().expect("flush");
+    }
+
+    pub fn result(&mut self) -> Value {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("probe stdout");
         serde_json::from_str(line.trim()).unwrap_or_else(|_| panic!("probe said {line:?}"))

@@ -109,11 +109,26 @@ pub(super) fn caller_name(caller: &Caller) -> String {
 
 /// The agent whose cgroup (or a cgroup below it) holds the process, if any.
 fn caller_agent(state: &State, pid: u32) -> Option<String> {
-    let root = state.cgroups.relative(&state.cgroups.root);
     // Unknown membership is treated as inside: fail closed.
     let Ok(path) = cgroup::process_cgroup(pid) else {
         return Some("<unknown: caller's cgroup unreadable>".into());
     };
+    agent_at(state, &path)
+}
+
+/// The agent a cgroup path (as /proc/PID/cgroup shows it) belongs to: a
+/// configured agent's cgroup or one below it, or anything under agentd's
+/// cgroup root (agents removed from the config included).
+pub(super) fn agent_at(state: &State, path: &str) -> Option<String> {
+    let within = |dir: &str| path == dir || path.starts_with(&format!("{dir}/"));
+    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = agents
+        .iter()
+        .find(|a| within(&state.cgroups.relative(&a.cgroup_dir)))
+    {
+        return Some(a.name.clone());
+    }
+    let root = state.cgroups.relative(&state.cgroups.root);
     let rest = path.strip_prefix(&root)?.strip_prefix('/')?;
     Some(rest.split('/').next().unwrap_or(rest).to_owned())
 }

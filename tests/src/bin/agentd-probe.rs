@@ -18,6 +18,10 @@
 //!   tfo ADDR                 TCP Fast Open: sendto(MSG_FASTOPEN) without connect
 //!   sendmmsg ADDR...         one unconnected UDP socket, one sendmmsg with a message per ADDR
 //!   raw                      open a raw ICMP socket
+//!   rounds MS ADDR...        for MS ms, connect to each ADDR in turn; one letter per
+//!                            connect, one string per round: a = allowed (connected or
+//!                            refused by the peer), d = EPERM (denied by policy), o = other
+//!   threads N                start N idle threads; their thread ids
 //!   cgroup                   this process's cgroup v2 path
 //!   id                       uid and gid
 //!   escape CGROUP_DIR        try to move itself into CGROUP_DIR
@@ -346,6 +350,53 @@ fn op(args: &[String]) -> Value {
                 unsafe { libc::close(fd) };
                 json!({"ok": true})
             }
+        }
+        "rounds" => {
+            let ms: u64 = arg(0).parse().unwrap_or(0);
+            let addrs: Vec<SocketAddr> = match rest[1.min(rest.len())..]
+                .iter()
+                .map(|a| parse(a))
+                .collect::<Result<_, _>>()
+            {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            let deadline = std::time::Instant::now() + Duration::from_millis(ms.min(60_000));
+            let mut rounds = Vec::new();
+            // Bounded in time and in count.
+            while std::time::Instant::now() < deadline && rounds.len() < 200_000 {
+                let round: String = addrs
+                    .iter()
+                    .map(
+                        |a| match TcpStream::connect_timeout(a, Duration::from_secs(1)) {
+                            Ok(_) => 'a',
+                            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => 'a',
+                            Err(e) if e.raw_os_error() == Some(libc::EPERM) => 'd',
+                            Err(_) => 'o',
+                        },
+                    )
+                    .collect();
+                rounds.push(round);
+            }
+            json!({"ok": true, "rounds": rounds})
+        }
+        "threads" => {
+            let n: usize = arg(0).parse().unwrap_or(0).min(64);
+            let (tx, rx) = std::sync::mpsc::channel();
+            for _ in 0..n {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tx.send(unsafe { libc::gettid() });
+                    loop {
+                        std::thread::park();
+                    }
+                });
+            }
+            let tids: Vec<i32> = (0..n)
+                .filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+                .collect();
+            json!({"ok": true, "tids": tids})
         }
         "cgroup" => {
             let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();

@@ -1,0 +1,219 @@
+//! What responders look at: `list` (every agent in a line) and `status` (one
+//! agent in full). Everything here is read from the kernel, /proc and the
+//! audit log at the time of asking, not from what the daemon remembers
+//! having done.
+use std::{fs, time::SystemTime};
+
+use agentd_ebpf::AGENT_KILLED;
+
+use crate::{
+    audit::query::{self, EventFilter, Matcher, Verdict},
+    cgroup,
+    control::{
+        AgentState, AgentSummary, ContainedAgent, ListReply, ProcessInfo, RuleInfo, SessionInfo,
+        StatusReply,
+    },
+    daemon::{AgentRuntime, State},
+    error::{Error, Result},
+};
+
+/// Processes listed by `status` (the total is always given).
+pub const MAX_PROCESSES: usize = 256;
+/// Sessions listed by `status`, most recent first.
+pub const MAX_SESSIONS: usize = 50;
+/// Denied attempts shown by `status`.
+pub const RECENT_DENIED: usize = 10;
+
+pub fn list(state: &State) -> Result<ListReply> {
+    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+    let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+    let kills = state.kills.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::with_capacity(agents.len());
+    for a in agents.iter() {
+        let entry = maps.agent(a.cgroup_id);
+        out.push(AgentSummary {
+            name: a.name.clone(),
+            owner: a.owner.clone(),
+            description: a.description.clone(),
+            mode: a.mode,
+            cgroup: state.cgroups.relative(&a.cgroup_dir),
+            processes: cgroup::processes(&a.cgroup_dir)
+                .map(|p| p.len())
+                .unwrap_or(0),
+            rules: a.rules.len(),
+            enforcing: entry.is_some(),
+            killed: entry.is_some_and(|e| e.flags & AGENT_KILLED != 0),
+            kill: kills.killed.get(&a.name).cloned(),
+            counts: maps.counts(a.agent_id)?,
+        });
+    }
+    let contained = state
+        .retired
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(name, dir)| ContainedAgent {
+            name: name.clone(),
+            cgroup: state.cgroups.relative(dir),
+            processes: cgroup::processes(dir).map(|p| p.len()).unwrap_or(0),
+        })
+        .collect();
+    Ok(ListReply {
+        agents: out,
+        contained,
+        events_lost: maps.total_events_lost()?,
+    })
+}
+
+fn find(state: &State, agent: &str) -> Result<AgentRuntime> {
+    state
+        .agents
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|a| a.name == agent)
+        .cloned()
+        .ok_or_else(|| Error::Refused(format!("unknown agent {agent:?}")))
+}
+
+pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
+    let a = find(state, agent)?;
+    let (entry, counts) = {
+        let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+        (maps.agent(a.cgroup_id), maps.counts(a.agent_id)?)
+    };
+    let agent_state = match entry {
+        None => AgentState::NotEnforcing,
+        Some(e) if e.flags & AGENT_KILLED != 0 => AgentState::Killed,
+        Some(_) => AgentState::Active,
+    };
+    let kill = state
+        .kills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .killed
+        .get(&a.name)
+        .cloned();
+    let pids = cgroup::processes(&a.cgroup_dir)?;
+    let processes = pids
+        .iter()
+        .take(MAX_PROCESSES)
+        .map(|&pid| process_info(state, pid))
+        .collect();
+    let sessions = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .of_agent(&a.name)
+        .into_iter()
+        .take(MAX_SESSIONS)
+        .map(|s| SessionInfo {
+            alive: s.alive(),
+            id: s.id,
+            how: s.how,
+            pid: s.pid,
+            requested_by_uid: s.requested_by_uid,
+            requested_by_user: s.requested_by_user,
+            target_user: s.target_user,
+            command: s.command,
+            started: s.started,
+            reason: s.reason,
+        })
+        .collect();
+    let denied = Matcher::new(
+        &EventFilter {
+            agent: Some(a.name.clone()),
+            verdict: Some(Verdict::Deny),
+            limit: Some(RECENT_DENIED),
+            ..EventFilter::default()
+        },
+        SystemTime::now(),
+    )
+    .map_err(Error::Refused)?;
+    let recent_denied = query::query(state.audit.path(), &denied)
+        .map_err(|source| Error::Io {
+            context: format!("reading {}", state.audit.path().display()),
+            source,
+        })?
+        .records
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
+    Ok(StatusReply {
+        name: a.name.clone(),
+        owner: a.owner.clone(),
+        description: a.description.clone(),
+        mode: a.mode,
+        cgroup: state.cgroups.relative(&a.cgroup_dir),
+        state: agent_state,
+        kill,
+        processes_total: pids.len(),
+        processes,
+        sessions,
+        rules: a
+            .rules
+            .iter()
+            .map(|r| RuleInfo {
+                rule: r.describe(),
+                line: r.line,
+            })
+            .collect(),
+        counts,
+        recent_denied,
+    })
+}
+
+/// What /proc says about one process. A process that exits while we look
+/// keeps its pid in the answer with the rest unknown.
+fn process_info(state: &State, pid: u32) -> ProcessInfo {
+    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| effective_uid(&s));
+    let user = uid.and_then(|u| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    });
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let session = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .session_of(pid);
+    ProcessInfo {
+        pid,
+        uid,
+        user,
+        cmdline,
+        session,
+    }
+}
+
+/// The effective uid from /proc/PID/status (`Uid: real effective saved fs`).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn effective_uid_is_the_second_field() {
+        let status = "Name:\tsh\nUid:\t1000\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(super::effective_uid(status), Some(0));
+        assert_eq!(super::effective_uid("Name:\tsh\n"), None);
+    }
+}
