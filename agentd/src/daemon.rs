@@ -47,6 +47,8 @@ pub struct State {
     /// Agents removed from the config whose processes still run, by name:
     /// contained under deny-all and reported until their cgroup is empty.
     pub retired: Mutex<BTreeMap<String, PathBuf>>,
+    /// When the policy generations a reload replaced may be deleted.
+    pub gc_due: Mutex<Option<Instant>>,
 }
 
 impl State {
@@ -140,6 +142,7 @@ pub async fn run(config: Config) -> Result<()> {
         audit,
         next_policy: AtomicU32::new(next_policy),
         retired: Mutex::new(contained),
+        gc_due: Mutex::new(None),
     });
     let config = state.config();
     let agent_names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
@@ -158,7 +161,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     tokio::spawn(events::run(ring, state.clone()));
     tokio::spawn(events::watch_losses(state.clone()));
-    tokio::spawn(watch_retired(state.clone()));
+    tokio::spawn(housekeeping(state.clone()));
 
     // Ready: every agent's enforcement is in place.
     let socket = config.daemon.socket.clone();
@@ -198,16 +201,21 @@ pub async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// How often agents removed from the config are checked for emptiness.
-const RETIRED_CHECK: Duration = Duration::from_secs(1);
+/// How often housekeeping runs.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
-/// Releases retired agents once their last process is gone.
-async fn watch_retired(state: Arc<State>) {
-    let mut tick = tokio::time::interval(RETIRED_CHECK);
+/// Releases retired agents once their last process is gone, and deletes
+/// policy generations a reload replaced once nothing can read them.
+async fn housekeeping(state: Arc<State>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
     loop {
         tick.tick().await;
         let state = state.clone();
-        let _ = tokio::task::spawn_blocking(move || release_empty(&state)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            release_empty(&state);
+            crate::reload::collect_when_due(&state);
+        })
+        .await;
     }
 }
 

@@ -277,10 +277,10 @@ fn apply(
         control::regroup(&old.daemon.socket, gid)?;
     }
 
-    // 6. Old generations go once no program can still be walking them.
+    // 6. Old generations go once no program can still be walking them
+    // (the daemon's housekeeping does it, so the reply need not wait).
     if !report.changed.is_empty() || removed_any {
-        std::thread::sleep(GRACE);
-        collect_unused(&mut state.maps.lock().unwrap_or_else(|p| p.into_inner()));
+        *state.gc_due.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + GRACE);
     }
     Ok(report)
 }
@@ -310,6 +310,19 @@ fn install(
     };
     let (runtime, _) = enforce::install(&mut kernel, agent, agent_id, policy_id, flags)?;
     Ok(runtime)
+}
+
+/// Deletes old generations once their grace period is over. Called by the
+/// daemon's housekeeping; takes the reload lock so that it never deletes a
+/// generation a reload has just written and not yet switched to.
+pub fn collect_when_due(state: &State) {
+    let due = *state.gc_due.lock().unwrap_or_else(|p| p.into_inner());
+    if due.is_none_or(|at| Instant::now() < at) {
+        return;
+    }
+    let _reload = state.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+    collect_unused(&mut state.maps.lock().unwrap_or_else(|p| p.into_inner()));
+    *state.gc_due.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 /// Deletes every generation no agent entry points at.

@@ -88,7 +88,7 @@ pub fn list(reply: &ListReply) -> String {
     for a in reply.agents.iter().filter(|a| a.killed) {
         if let Some(k) = &a.kill {
             out.push_str(&format!(
-                "{} killed at {} by {} (uid {}): {}\n",
+                "{} killed at {} by {} (uid {}): {:?}\n",
                 a.name,
                 k.at,
                 k.by_user.as_deref().unwrap_or("?"),
@@ -112,6 +112,25 @@ pub fn list(reply: &ListReply) -> String {
     out
 }
 
+/// A command line on one line: arguments with spaces, quotes or control
+/// characters are quoted and escaped, so a hostile argument cannot forge
+/// lines of output.
+fn command_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.is_empty()
+                || a.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'')
+            {
+                format!("{a:?}")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `agentd status NAME` for people.
 pub fn status(s: &StatusReply) -> String {
     let mut out = String::new();
@@ -131,7 +150,7 @@ pub fn status(s: &StatusReply) -> String {
     if let Some(k) = &s.kill {
         let _ = writeln!(
             out,
-            "  killed at {} by {} (uid {}, pid {}): {}",
+            "  killed at {} by {} (uid {}, pid {}): {:?}",
             k.at,
             k.by_user.as_deref().unwrap_or("?"),
             k.by_uid,
@@ -172,7 +191,7 @@ pub fn status(s: &StatusReply) -> String {
             if p.cmdline.is_empty() {
                 "(exited)".to_owned()
             } else {
-                p.cmdline.join(" ")
+                command_line(&p.cmdline)
             }
         );
     }
@@ -195,10 +214,10 @@ pub fn status(s: &StatusReply) -> String {
                 .clone()
                 .unwrap_or_else(|| format!("uid {}", x.requested_by_uid)),
             x.target_user.as_deref().unwrap_or("?"),
-            x.command.join(" "),
+            command_line(&x.command),
             x.reason
                 .as_deref()
-                .map(|r| format!(" (reason: {r})"))
+                .map(|r| format!(" (reason: {r:?})"))
                 .unwrap_or_default(),
             if x.alive { "" } else { " [ended]" }
         );
@@ -236,7 +255,7 @@ pub fn event(e: &Value) -> String {
             kind,
             field(e, "protocol"),
             e.get("pid").unwrap_or(&Value::Null),
-            field(e, "comm"),
+            field(e, "comm").escape_debug(),
             e.get("uid").unwrap_or(&Value::Null),
             if count > 1 {
                 format!(" x{count}")
