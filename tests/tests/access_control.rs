@@ -117,7 +117,14 @@ fn each_role_may_do_its_job_and_nothing_more() {
         &env.agentd_as(&w.viewer, &["kill", "crm", "--reason", "x"])
     ));
 
-    // Responder: list and kill, never restore.
+    // Viewer: status and events too; nothing that changes anything.
+    assert!(ok(&env.agentd_as(&w.viewer, &["status", "crm"])));
+    assert!(ok(&env.agentd_as(&w.viewer, &["events", "--limit", "5"])));
+    assert!(refused(&env.agentd_as(&w.viewer, &["reload"])));
+    assert!(refused(&env.agentd_as(&w.no_role, &["status", "crm"])));
+    assert!(refused(&env.agentd_as(&w.no_role, &["events"])));
+
+    // Responder: list and kill, never restore, reload or adopt.
     assert!(ok(&env.agentd_as(&w.responder, &["list"])));
     let out = env.agentd_as(
         &w.responder,
@@ -127,6 +134,19 @@ fn each_role_may_do_its_job_and_nothing_more() {
     assert!(refused(
         &env.agentd_as(&w.responder, &["restore", "crm", "--reason", "x"])
     ));
+    assert!(refused(&env.agentd_as(&w.responder, &["reload"])));
+    let bystander = ProbeProcess::spawn();
+    let pid = bystander.pid.to_string();
+    assert!(refused(&env.agentd_as(
+        &w.responder,
+        &["adopt", "--agent", "crm", "--pid", &pid, "--reason", "x"]
+    )));
+    assert!(
+        !std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .contains(&env.cgroup_root),
+        "a refused adopt moved the process"
+    );
     let list: serde_json::Value =
         serde_json::from_slice(&env.agentd(&["list", "--json"]).stdout).unwrap();
     assert_eq!(
@@ -134,8 +154,16 @@ fn each_role_may_do_its_job_and_nothing_more() {
         "the refused restore changed nothing"
     );
 
-    // Admin (through @group): restore.
+    // Admin (through @group): restore, reload, adopt.
     let out = env.agentd_as(&w.admin, &["restore", "crm", "--reason", "INC-7 closed"]);
+    assert!(ok(&out), "{out:?}");
+    assert!(ok(&env.agentd_as(&w.admin, &["reload"])));
+    let out = env.agentd_as(
+        &w.admin,
+        &[
+            "adopt", "--agent", "crm", "--pid", &pid, "--reason", "INC-8",
+        ],
+    );
     assert!(ok(&out), "{out:?}");
     let list: serde_json::Value =
         serde_json::from_slice(&env.agentd(&["list", "--json"]).stdout).unwrap();

@@ -60,3 +60,76 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["agents"][0]["name"], "quiet");
 }
+
+#[test]
+fn a_flood_from_one_caller_does_not_starve_another() {
+    if !require_root("a_flood_from_one_caller_does_not_starve_another") {
+        return;
+    }
+    let group = TestGroup::create("f");
+    let viewer = TestUser::create("f", &[&group]);
+    let mut env = TestEnv::new("control_flood");
+    env.write_config(&format!(
+        "[access]\nsocket_group = \"{g}\"\nviewers = [\"{v}\"]\n\n[[agent]]\nname = \"quiet\"\nowner = \"o@example.com\"\n",
+        g = group.name,
+        v = viewer.name
+    ));
+    env.start_daemon();
+
+    // Root opens 300 connections and says nothing on any of them.
+    let flood: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(&env.socket).expect("connect"))
+        .collect();
+    // Past the per-caller limit, each is told at once that it is busy.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut busy = 0;
+    let mut held = Vec::new();
+    for s in flood {
+        s.set_nonblocking(true).unwrap();
+        let mut line = String::new();
+        match BufReader::new(&s).read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert!(r["error"].as_str().unwrap().starts_with("busy"), "{r}");
+                busy += 1;
+            }
+            _ => held.push(s),
+        }
+    }
+    assert!(busy >= 250, "only {busy} of 300 were turned away");
+    assert!(!held.is_empty());
+
+    // Another caller is served while root's silent connections are open.
+    let out = env.agentd_as(&viewer, &["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut buf = [0u8; 1];
+    let still_open = matches!(
+        std::io::Read::read(&mut &held[0], &mut buf),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    );
+    assert!(
+        still_open,
+        "the flood had already timed out: the viewer may have waited for it"
+    );
+
+    // The silent ones are answered with a timeout, not left hanging.
+    held[0].set_nonblocking(false).unwrap();
+    held[0]
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&held[0])
+        .read_line(&mut line)
+        .expect("timeout reply");
+    assert!(line.contains("no request within"), "{line}");
+    let rec = env.wait_audit("for the silent client's record", |v| {
+        v["event"] == "control"
+            && v["action"] == "invalid"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no request within"))
+    });
+    assert_eq!(rec["uid"], 0);
+    drop(held);
+    assert!(env.agentd(&["list"]).status.success());
+}
