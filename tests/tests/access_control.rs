@@ -239,3 +239,53 @@ fn launchers_may_exec_their_agent_as_themselves_only() {
             && r["user"] == w.launcher.name.as_str()
     });
 }
+
+#[test]
+fn a_caller_inside_an_agent_is_refused_everything_even_as_root() {
+    if !require_root("a_caller_inside_an_agent_is_refused_everything_even_as_root") {
+        return;
+    }
+    let mut env = TestEnv::new("access_inside");
+    env.write_config(
+        "[[agent]]\nname = \"crm\"\nowner = \"t@example.com\"\n\n[[agent]]\nname = \"erp\"\nowner = \"t@example.com\"\n",
+    );
+    env.start_daemon();
+    let agentd = agentd_bin();
+    let socket = env.socket.display().to_string();
+    for inner in [
+        vec!["list"],
+        vec!["status", "crm"],
+        vec!["restore", "--all", "--reason", "let me out"],
+        vec!["kill", "erp", "--reason", "sabotage"],
+        vec!["reload"],
+    ] {
+        // Root, but running inside agent crm.
+        let mut args = vec!["exec", "--agent", "crm", "--", agentd.to_str().unwrap()];
+        args.extend(["--socket", &socket]);
+        args.extend(&inner);
+        let out = env.agentd(&args);
+        assert!(
+            !out.status.success(),
+            "{inner:?} from inside an agent: {out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("permission denied") && err.contains("inside agent \"crm\""),
+            "{inner:?}: {err}"
+        );
+    }
+    let list: serde_json::Value = env.agentd_json(&["list"]);
+    assert!(
+        list["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["killed"] == false),
+        "a refused kill changed state: {list}"
+    );
+    let rec = env.wait_audit("for the refused kill", |r| {
+        r["event"] == "control" && r["action"] == "kill" && r["result"] == "refused"
+    });
+    assert_eq!(rec["uid"], 0);
+    assert!(rec["error"].as_str().unwrap().contains("inside agent"));
+}
