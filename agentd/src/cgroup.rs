@@ -71,6 +71,14 @@ impl CgroupTree {
         self.root.join(agent)
     }
 
+    /// The agent's cgroup directory: the bound one, or its own under the root.
+    pub fn dir_of(&self, agent: &crate::config::Agent) -> PathBuf {
+        match &agent.cgroup {
+            Some(bound) => self.mount.join(bound),
+            None => self.agent_dir(&agent.name),
+        }
+    }
+
     /// Creates the agent's cgroup if missing and returns its id.
     pub fn ensure_agent(&self, agent: &str) -> Result<u64> {
         let dir = self.agent_dir(agent);
@@ -83,6 +91,30 @@ impl CgroupTree {
         let rel = dir.strip_prefix(&self.mount).unwrap_or(dir);
         format!("/{}", rel.display())
     }
+}
+
+/// Checks a bound cgroup path from the config and returns it relative to
+/// the cgroup v2 mount. `/system.slice/x.service` (as /proc/PID/cgroup
+/// shows it) and `system.slice/x.service` are the same.
+pub fn bound_path(text: &str, cgroup_root: &str) -> std::result::Result<String, String> {
+    let rel = text.trim_start_matches('/');
+    let path = Path::new(rel);
+    let plain = !rel.is_empty()
+        && !rel.ends_with('/')
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(format!(
+            "{text:?} is not a cgroup path below the cgroup v2 mount (e.g. \"system.slice/crm-agent.service\")"
+        ));
+    }
+    if path.starts_with(cgroup_root) {
+        return Err(format!(
+            "{text:?} is inside daemon.cgroup_root ({cgroup_root:?}), where agentd makes its own cgroups"
+        ));
+    }
+    Ok(rel.to_owned())
 }
 
 /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`) is the
@@ -199,6 +231,18 @@ mod tests {
             find_cgroup2_mount(text),
             Some(PathBuf::from("/sys/fs/my cgroup"))
         );
+    }
+
+    #[test]
+    fn bound_paths_are_plain_relative_and_outside_the_root() {
+        assert_eq!(
+            bound_path("/system.slice/crm.service", "agentd").unwrap(),
+            "system.slice/crm.service"
+        );
+        assert_eq!(bound_path("a/b", "agentd").unwrap(), "a/b");
+        for bad in ["", "/", "a/../b", "./a", "a/", "agentd/x", "agentd"] {
+            assert!(bound_path(bad, "agentd").is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -162,6 +162,10 @@ struct RawAgent {
     /// Users and @groups who may `exec` into this agent (admins always can).
     #[serde(default)]
     launchers: Vec<Spanned<String>>,
+    /// An existing cgroup (e.g. a systemd service's) to govern instead of
+    /// one agentd creates.
+    #[serde(default)]
+    cgroup: Option<Spanned<String>>,
 }
 
 /// `[access]` as written (spans kept for errors).
@@ -272,6 +276,10 @@ pub struct Agent {
     pub mode: Mode,
     pub allow: Vec<Rule>,
     pub launchers: Vec<String>,
+    /// A cgroup that exists apart from agentd (relative to the cgroup v2
+    /// mount) and is this agent's identity: agentd attaches to it and
+    /// re-attaches when it is recreated, never creates or removes it.
+    pub cgroup: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -356,6 +364,7 @@ impl Config {
         };
 
         let mut names = HashSet::new();
+        let mut bound = HashSet::new();
         let mut agents = Vec::with_capacity(raw.agents.len());
         for (i, agent) in raw.agents.into_iter().enumerate() {
             let agent = agent.into_inner();
@@ -417,6 +426,21 @@ impl Config {
                 });
             }
             let launchers = principals(agent.launchers, &key("launchers"))?;
+            let cgroup = match agent.cgroup {
+                None => None,
+                Some(c) => {
+                    let path = crate::cgroup::bound_path(c.get_ref(), &daemon.cgroup_root)
+                        .map_err(|m| at(c.span(), &key("cgroup"), m))?;
+                    if !bound.insert(path.clone()) {
+                        return Err(at(
+                            c.span(),
+                            &key("cgroup"),
+                            format!("cgroup {path:?} is already bound to another agent"),
+                        ));
+                    }
+                    Some(path)
+                }
+            };
             agents.push(Agent {
                 name: agent.name.into_inner(),
                 owner: agent.owner.into_inner(),
@@ -424,6 +448,7 @@ impl Config {
                 mode: agent.mode,
                 allow,
                 launchers,
+                cgroup,
             });
         }
         Ok(Self {

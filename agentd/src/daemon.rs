@@ -4,7 +4,6 @@
 //! opening a gap.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    path::PathBuf,
     sync::{Arc, Mutex, RwLock, atomic::AtomicU32},
     time::{Duration, Instant},
 };
@@ -20,7 +19,7 @@ use crate::{
     cgroup::{self, CgroupTree},
     config::Config,
     control,
-    enforce::{self, Kernel, Retirement},
+    enforce::{self, Kernel, Retired, Retirement},
     error::{Error, IoContext as _, Result},
     events,
     kill::KillState,
@@ -46,7 +45,7 @@ pub struct State {
     pub next_policy: AtomicU32,
     /// Agents removed from the config whose processes still run, by name:
     /// contained under deny-all and reported until their cgroup is empty.
-    pub retired: Mutex<BTreeMap<String, PathBuf>>,
+    pub retired: Mutex<BTreeMap<String, Retired>>,
     /// When the policy generations a reload replaced may be deleted.
     pub gc_due: Mutex<Option<Instant>>,
 }
@@ -94,8 +93,8 @@ pub async fn run(config: Config) -> Result<()> {
     let mut adopted = 0usize;
     let mut next_policy = first_policy;
     for agent in &config.agents {
-        let cgroup_id = cgroups.ensure_agent(&agent.name)?;
-        let previous = existing.get(&cgroup_id).copied();
+        let cgroup_id = enforce::cgroup_of(&cgroups, agent)?;
+        let previous = cgroup_id.and_then(|id| existing.get(&id).copied());
         let agent_id = match previous {
             Some(p) => p.agent_id,
             None => {
@@ -159,6 +158,8 @@ pub async fn run(config: Config) -> Result<()> {
         }),
     );
 
+    crate::bound::remember(&state);
+    crate::bound::start(state.clone())?;
     tokio::spawn(events::run(ring, state.clone()));
     tokio::spawn(events::watch_losses(state.clone()));
     tokio::spawn(housekeeping(state.clone()));
@@ -213,6 +214,7 @@ async fn housekeeping(state: Arc<State>) {
         let state = state.clone();
         let _ = tokio::task::spawn_blocking(move || {
             release_empty(&state);
+            crate::bound::check(&state);
             crate::reload::collect_when_due(&state);
         })
         .await;
@@ -220,18 +222,18 @@ async fn housekeeping(state: Arc<State>) {
 }
 
 fn release_empty(state: &State) {
-    let retired: Vec<(String, PathBuf)> = state
+    let retired: Vec<(String, Retired)> = state
         .retired
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(n, d)| (n.clone(), d.clone()))
+        .map(|(n, r)| (n.clone(), r.clone()))
         .collect();
     let bpffs_dir = state.config().daemon.bpffs_dir.clone();
-    for (name, dir) in retired {
+    for (name, r) in retired {
         let result = {
             let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
-            enforce::retire(&mut maps, &bpffs_dir, &name, &dir)
+            enforce::retire(&mut maps, &bpffs_dir, &name, &r.dir, r.bound)
         };
         match result {
             Ok(Retirement::Released) => {
@@ -240,6 +242,7 @@ fn release_empty(state: &State) {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&name);
+                crate::bound::remember(state);
                 tracing::info!(agent = %name, "removed agent's last process exited; released");
                 state.audit.record_now(
                     "agent_released",
@@ -311,26 +314,38 @@ fn retire_removed_agents(
     maps: &mut PolicyMaps,
     existing: &HashMap<u64, AgentEntry>,
     runtimes: &[AgentRuntime],
-) -> Result<(Vec<String>, BTreeMap<String, PathBuf>)> {
+) -> Result<(Vec<String>, BTreeMap<String, Retired>)> {
     let configured: HashSet<u64> = runtimes.iter().map(|a| a.cgroup_id).collect();
     let mut released = Vec::new();
     let mut contained = BTreeMap::new();
+    // Where earlier configurations bound agents to existing cgroups.
+    let bound = crate::bound::recalled(&config.daemon.state_dir);
+    let dir_of = |name: &str| match bound.get(name) {
+        Some(rel) => (cgroups.mount.join(rel), true),
+        None => (cgroups.agent_dir(name), false),
+    };
     for name in bpffs::pinned_agents(&config.daemon.bpffs_dir) {
         if config.agent(&name).is_some() {
             continue;
         }
-        let dir = cgroups.agent_dir(&name);
-        match enforce::retire(maps, &config.daemon.bpffs_dir, &name, &dir)? {
+        let (dir, is_bound) = dir_of(&name);
+        match enforce::retire(maps, &config.daemon.bpffs_dir, &name, &dir, is_bound)? {
             Retirement::Released => released.push(name),
             Retirement::Contained { .. } => {
-                contained.insert(name, dir);
+                contained.insert(
+                    name,
+                    Retired {
+                        dir,
+                        bound: is_bound,
+                    },
+                );
             }
         }
     }
     // Entries whose cgroup is gone entirely.
     let live_dirs: HashSet<u64> = bpffs::pinned_agents(&config.daemon.bpffs_dir)
         .iter()
-        .filter_map(|n| cgroup::cgroup_id(&cgroups.agent_dir(n)).ok())
+        .filter_map(|n| cgroup::cgroup_id(&dir_of(n).0).ok())
         .collect();
     for id in existing.keys() {
         if !configured.contains(id) && !live_dirs.contains(id) {

@@ -34,6 +34,10 @@ pub struct AgentRuntime {
     pub cgroup_id: u64,
     pub cgroup_dir: PathBuf,
     pub policy_id: u32,
+    /// The cgroup is bound (exists apart from agentd): never created or
+    /// removed here. A bound cgroup that does not exist has `cgroup_id` 0
+    /// until it appears.
+    pub bound: bool,
 }
 
 pub fn mode_value(mode: Mode) -> u32 {
@@ -51,10 +55,21 @@ pub struct Kernel<'a> {
     pub cgroups: &'a CgroupTree,
 }
 
+/// The id of the agent's cgroup, creating it unless it is bound; `None`
+/// for a bound cgroup that does not exist (yet).
+pub fn cgroup_of(cgroups: &CgroupTree, agent: &Agent) -> Result<Option<u64>> {
+    if agent.cgroup.is_some() {
+        Ok(cgroup::cgroup_id(&cgroups.dir_of(agent)).ok())
+    } else {
+        cgroups.ensure_agent(&agent.name).map(Some)
+    }
+}
+
 /// Creates (or finds) the agent's cgroup, writes its rules as generation
 /// `policy_id`, points the agent at them with `flags`, and attaches (or
 /// re-adopts) every hook. Returns the runtime and whether every hook was
-/// found already attached.
+/// found already attached. A bound cgroup that does not exist yet is left
+/// for the watcher (`bound`) to arm when it appears.
 pub fn install(
     k: &mut Kernel<'_>,
     agent: &Agent,
@@ -62,8 +77,10 @@ pub fn install(
     policy_id: u32,
     flags: u32,
 ) -> Result<(AgentRuntime, bool)> {
-    let cgroup_dir = k.cgroups.agent_dir(&agent.name);
-    let cgroup_id = k.cgroups.ensure_agent(&agent.name)?;
+    let cgroup_dir = k.cgroups.dir_of(agent);
+    let Some(cgroup_id) = cgroup_of(k.cgroups, agent)? else {
+        return Ok((runtime(agent, agent_id, 0, cgroup_dir, policy_id), false));
+    };
     let compiled = CompiledPolicy::compile(&agent.allow);
     k.maps.write_generation(&compiled.entries(policy_id))?;
     k.maps.set_agent(
@@ -104,7 +121,15 @@ pub fn runtime(
         cgroup_id,
         cgroup_dir,
         policy_id,
+        bound: agent.cgroup.is_some(),
     }
+}
+
+/// An agent removed from the config whose processes still run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    pub dir: PathBuf,
+    pub bound: bool,
 }
 
 /// What became of an agent that left the config.
@@ -118,12 +143,14 @@ pub enum Retirement {
 
 /// Retires an agent no longer configured. With processes left it is kept
 /// contained (policy generation 0: nothing allowed, killed flag kept);
-/// otherwise everything agentd made for it is removed.
+/// otherwise everything agentd made for it is removed (a bound cgroup
+/// itself is not agentd's, and stays).
 pub fn retire(
     maps: &mut PolicyMaps,
     bpffs_dir: &Path,
     name: &str,
     cgroup_dir: &Path,
+    bound: bool,
 ) -> Result<Retirement> {
     let procs = if cgroup_dir.exists() {
         cgroup::processes(cgroup_dir)?
@@ -136,7 +163,9 @@ pub fn retire(
         if let Some(id) = cgroup_id {
             maps.remove_agent(id)?;
         }
-        let _ = cgroup::remove_tree(cgroup_dir);
+        if !bound {
+            let _ = cgroup::remove_tree(cgroup_dir);
+        }
         return Ok(Retirement::Released);
     }
     if let Some(id) = cgroup_id {

@@ -14,7 +14,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use agentd_ebpf::AGENT_KILLED;
+use agentd_ebpf::{AGENT_KILLED, AgentEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -142,12 +142,30 @@ pub fn switch(
     let mut kills = state.kills.lock().unwrap_or_else(|p| p.into_inner());
     // Kernel first: that is what stops traffic.
     for a in &chosen {
-        let mut entry = maps
-            .agent(a.cgroup_id)
-            .ok_or_else(|| Error::Refused(format!("agent {} has no kernel state", a.name)))?;
+        // A bound agent whose cgroup does not exist has nothing in the
+        // kernel to flip: the state file alone carries the switch, and the
+        // cgroup is armed with it when it appears.
+        let waiting = a.bound && a.cgroup_id == 0;
+        let mut entry = match maps.agent(a.cgroup_id) {
+            Some(e) => e,
+            None if waiting => AgentEntry {
+                flags: if kills.killed.contains_key(&a.name) {
+                    AGENT_KILLED
+                } else {
+                    0
+                },
+                ..AgentEntry::default()
+            },
+            None => {
+                return Err(Error::Refused(format!(
+                    "agent {} has no kernel state",
+                    a.name
+                )));
+            }
+        };
         let was_killed = entry.flags & AGENT_KILLED != 0;
         let unchanged = was_killed == kill;
-        if !unchanged {
+        if !unchanged && !waiting {
             if kill {
                 entry.flags |= AGENT_KILLED;
             } else {

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod bound;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;

@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// Longer than any program run that could still hold an old generation.
-const GRACE: Duration = Duration::from_secs(1);
+pub(crate) const GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReloadReport {
@@ -64,6 +64,12 @@ pub fn reload(state: &State) -> Result<ReloadReport> {
     let result = Config::load(&old.path)
         .map_err(Error::from)
         .and_then(|new| apply(state, &mut ebpf, &old, new));
+    drop(ebpf);
+    if result.is_ok() {
+        // New bound agents: watch for their cgroups, arm the ones present.
+        crate::bound::remember(state);
+        crate::bound::check(state);
+    }
     match &result {
         Ok(report) => {
             let mut report = report.clone();
@@ -104,7 +110,24 @@ struct Plan<'a> {
     removed: Vec<AgentRuntime>,
 }
 
-fn plan<'a>(old: &Config, new: &'a Config, running: &[AgentRuntime], state: &State) -> Plan<'a> {
+fn plan<'a>(
+    old: &Config,
+    new: &'a Config,
+    running: &[AgentRuntime],
+    state: &State,
+) -> Result<Plan<'a>> {
+    for (i, agent) in new.agents.iter().enumerate() {
+        if let Some(was) = old.agent(&agent.name)
+            && was.cgroup != agent.cgroup
+        {
+            return Err(Error::Refused(format!(
+                "{}: agent[{i}].cgroup: agent {:?} cannot move to another cgroup while it runs; \
+                 remove it, reload, then add it back",
+                new.path.display(),
+                agent.name
+            )));
+        }
+    }
     let mut p = Plan {
         added: Vec::new(),
         switched: Vec::new(),
@@ -128,7 +151,7 @@ fn plan<'a>(old: &Config, new: &'a Config, running: &[AgentRuntime], state: &Sta
         .filter(|r| new.agent(&r.name).is_none())
         .cloned()
         .collect();
-    p
+    Ok(p)
 }
 
 /// `[daemon]` keys whose new value differs from the running one.
@@ -165,7 +188,7 @@ fn apply(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let plan = plan(old, &new, &running, state);
+    let plan = plan(old, &new, &running, state)?;
     let bpffs_dir = old.daemon.bpffs_dir.clone();
 
     // 1. New generations for changed agents, beside the live ones. Nothing
@@ -190,7 +213,7 @@ fn apply(
             Err(e) => {
                 let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
                 for r in &installed {
-                    let _ = enforce::retire(&mut maps, &bpffs_dir, &r.name, &r.cgroup_dir);
+                    let _ = enforce::retire(&mut maps, &bpffs_dir, &r.name, &r.cgroup_dir, r.bound);
                 }
                 collect_unused(&mut maps);
                 return Err(Error::Refused(format!(
@@ -207,7 +230,12 @@ fn apply(
     {
         let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
         for (agent, policy_id) in &written {
-            let Some(r) = agents.iter().find(|r| r.name == agent.name) else {
+            // A bound cgroup that does not exist yet is armed with the
+            // new rules when it appears.
+            let Some(r) = agents
+                .iter()
+                .find(|r| r.name == agent.name && r.cgroup_id != 0)
+            else {
                 continue;
             };
             let prev = maps.agent(r.cgroup_id).unwrap_or(AgentEntry {
@@ -225,14 +253,20 @@ fn apply(
         }
         // 4. Removed agents: released if empty, else contained.
         for r in &plan.removed {
-            match enforce::retire(&mut maps, &bpffs_dir, &r.name, &r.cgroup_dir)? {
+            match enforce::retire(&mut maps, &bpffs_dir, &r.name, &r.cgroup_dir, r.bound)? {
                 Retirement::Released => report.removed.push(r.name.clone()),
                 Retirement::Contained { processes } => {
                     state
                         .retired
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(r.name.clone(), r.cgroup_dir.clone());
+                        .insert(
+                            r.name.clone(),
+                            enforce::Retired {
+                                dir: r.cgroup_dir.clone(),
+                                bound: r.bound,
+                            },
+                        );
                     report.contained.push(Contained {
                         agent: r.name.clone(),
                         processes,

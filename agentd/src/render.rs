@@ -70,6 +70,8 @@ pub fn list(reply: &ListReply) -> String {
             "KILLED"
         } else if a.enforcing {
             "active"
+        } else if a.bound && a.processes == 0 {
+            "waiting for cgroup"
         } else {
             "NOT ENFORCING"
         };
@@ -138,6 +140,7 @@ pub fn status(s: &StatusReply) -> String {
         AgentState::Active => "active",
         AgentState::Killed => "KILLED",
         AgentState::NotEnforcing => "NOT ENFORCING",
+        AgentState::Waiting => "waiting: its bound cgroup does not exist; armed when it appears",
     };
     let _ = writeln!(out, "agent:       {}", s.name);
     let _ = writeln!(out, "owner:       {}", s.owner);
@@ -145,7 +148,12 @@ pub fn status(s: &StatusReply) -> String {
         let _ = writeln!(out, "description: {}", s.description);
     }
     let _ = writeln!(out, "mode:        {}", mode_name(s.mode));
-    let _ = writeln!(out, "cgroup:      {}", s.cgroup);
+    let _ = writeln!(
+        out,
+        "cgroup:      {}{}",
+        s.cgroup,
+        if s.bound { " (bound)" } else { "" }
+    );
     let _ = writeln!(out, "state:       {state}");
     if let Some(k) = &s.kill {
         let _ = writeln!(

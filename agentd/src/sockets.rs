@@ -405,3 +405,25 @@ pub fn held_inet_sockets(pids: &[u32]) -> io::Result<usize> {
         .filter(|t| held.contains(&t.inode))
         .count())
 }
+
+/// Destroys the sockets of one cgroup whose destination `allowed` rejects
+/// (`allowed(address, port, tcp)`); sockets with no destination yet are
+/// left. Used when enforcement arrives on a cgroup that existed briefly
+/// without it (a bound service's cgroup, recreated): whatever was
+/// connected in that gap and the rules do not allow is cut.
+pub fn sweep(
+    cgroup_id: u64,
+    allowed: impl Fn(std::net::IpAddr, u16, bool) -> bool,
+) -> io::Result<usize> {
+    let socket = connect()?;
+    let mut found = dump_every_kind(&socket, Some(&[cgroup_id]))?;
+    found.retain(|t| {
+        let dst = t.id.destination_address;
+        let connected = !dst.is_unspecified() && t.id.destination_port != 0;
+        connected && !allowed(dst, t.id.destination_port, t.protocol == IPPROTO_TCP)
+    });
+    Ok(destroy_all(&socket, &found)?
+        .into_iter()
+        .filter(|&c| c == 0)
+        .count())
+}

@@ -27,6 +27,18 @@ pub fn teardown(config: &Config, force: bool) -> Result<Report> {
         )));
     }
     let tree = CgroupTree::new(&config.daemon.cgroup_root)?;
+    // Bound cgroups are the services' own: processes are handled like any
+    // agent's, but the directories are never removed.
+    let mut bound = crate::bound::recalled(&config.daemon.state_dir);
+    for a in &config.agents {
+        if let Some(c) = &a.cgroup {
+            bound.insert(a.name.clone(), c.clone());
+        }
+    }
+    let dir_of = |name: &str| match bound.get(name) {
+        Some(rel) => tree.mount.join(rel),
+        None => tree.agent_dir(name),
+    };
     // Configured agents, plus any agent directory or pin left from older configs.
     let mut names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
     names.extend(bpffs::pinned_agents(&config.daemon.bpffs_dir));
@@ -43,7 +55,7 @@ pub fn teardown(config: &Config, force: bool) -> Result<Report> {
 
     let mut busy = Vec::new();
     for name in &names {
-        let dir = tree.agent_dir(name);
+        let dir = dir_of(name);
         if dir.exists() {
             let procs = cgroup::processes(&dir)?;
             if !procs.is_empty() {
@@ -63,7 +75,7 @@ pub fn teardown(config: &Config, force: bool) -> Result<Report> {
     }
     let mut report = Report::default();
     for (name, procs) in &busy {
-        cgroup::kill_all(&tree.agent_dir(name), Duration::from_secs(10))?;
+        cgroup::kill_all(&dir_of(name), Duration::from_secs(10))?;
         report.killed.push((name.clone(), procs.len()));
     }
     // Unpinning the links detaches the programs; unpinning the maps frees them.
@@ -72,7 +84,7 @@ pub fn teardown(config: &Config, force: bool) -> Result<Report> {
             .ctx(|| format!("removing {}", config.daemon.bpffs_dir.display()))?;
         report.removed_pins = true;
     }
-    for name in &names {
+    for name in names.iter().filter(|n| !bound.contains_key(*n)) {
         let dir = tree.agent_dir(name);
         if dir.exists() {
             cgroup::remove_tree(&dir)?;

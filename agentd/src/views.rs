@@ -37,6 +37,7 @@ pub fn list(state: &State) -> Result<ListReply> {
             description: a.description.clone(),
             mode: a.mode,
             cgroup: state.cgroups.relative(&a.cgroup_dir),
+            bound: a.bound,
             processes: cgroup::processes(&a.cgroup_dir)
                 .map(|p| p.len())
                 .unwrap_or(0),
@@ -52,10 +53,10 @@ pub fn list(state: &State) -> Result<ListReply> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(name, dir)| ContainedAgent {
+        .map(|(name, r)| ContainedAgent {
             name: name.clone(),
-            cgroup: state.cgroups.relative(dir),
-            processes: cgroup::processes(dir).map(|p| p.len()).unwrap_or(0),
+            cgroup: state.cgroups.relative(&r.dir),
+            processes: cgroup::processes(&r.dir).map(|p| p.len()).unwrap_or(0),
         })
         .collect();
     Ok(ListReply {
@@ -83,6 +84,7 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
         (maps.agent(a.cgroup_id), maps.counts(a.agent_id)?)
     };
     let agent_state = match entry {
+        None if a.bound && a.cgroup_id == 0 => AgentState::Waiting,
         None => AgentState::NotEnforcing,
         Some(e) if e.flags & AGENT_KILLED != 0 => AgentState::Killed,
         Some(_) => AgentState::Active,
@@ -94,7 +96,11 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
         .killed
         .get(&a.name)
         .cloned();
-    let pids = cgroup::processes(&a.cgroup_dir)?;
+    let pids = if a.cgroup_dir.exists() {
+        cgroup::processes(&a.cgroup_dir)?
+    } else {
+        Vec::new()
+    };
     let processes = pids
         .iter()
         .take(MAX_PROCESSES)
@@ -145,6 +151,7 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
         description: a.description.clone(),
         mode: a.mode,
         cgroup: state.cgroups.relative(&a.cgroup_dir),
+        bound: a.bound,
         state: agent_state,
         kill,
         processes_total: pids.len(),

@@ -228,3 +228,24 @@ fn bad_access_entries_name_key_and_line() {
     let e = err("[access]\nroot = [\"x\"]\n");
     assert_eq!(e.line, 2, "{e}");
 }
+
+#[test]
+fn bound_cgroups_are_checked_and_named_in_errors() {
+    let c = parse(
+        "[[agent]]\nname = \"svc\"\nowner = \"o\"\ncgroup = \"/system.slice/crm-agent.service\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.agents[0].cgroup.as_deref(),
+        Some("system.slice/crm-agent.service")
+    );
+    let e = err("[[agent]]\nname = \"svc\"\nowner = \"o\"\ncgroup = \"system.slice/../x\"\n");
+    assert_eq!((e.line, e.key.as_str()), (4, "agent[0].cgroup"));
+    let e = err("[[agent]]\nname = \"svc\"\nowner = \"o\"\ncgroup = \"agentd/svc\"\n");
+    assert!(e.message.contains("cgroup_root"), "{e}");
+    let e = err(
+        "[[agent]]\nname = \"a\"\nowner = \"o\"\ncgroup = \"s/x.service\"\n\n[[agent]]\nname = \"b\"\nowner = \"o\"\ncgroup = \"/s/x.service\"\n",
+    );
+    assert_eq!((e.line, e.key.as_str()), (9, "agent[1].cgroup"));
+    assert!(e.message.contains("already bound"), "{e}");
+}

@@ -52,6 +52,9 @@ pub struct AgentSummary {
     pub description: String,
     pub mode: Mode,
     pub cgroup: String,
+    /// The cgroup exists apart from agentd (a bound service cgroup).
+    #[serde(default)]
+    pub bound: bool,
     pub processes: usize,
     pub rules: usize,
     pub enforcing: bool,
@@ -90,6 +93,9 @@ pub enum AgentState {
     Killed,
     /// The kernel holds no entry for it: agentd is not enforcing here.
     NotEnforcing,
+    /// Bound to a cgroup that does not exist now (the service is stopped):
+    /// enforcement is armed the moment it appears.
+    Waiting,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,6 +140,8 @@ pub struct StatusReply {
     pub description: String,
     pub mode: Mode,
     pub cgroup: String,
+    #[serde(default)]
+    pub bound: bool,
     pub state: AgentState,
     pub kill: Option<KillRecord>,
     /// Live processes (at most [`crate::views::MAX_PROCESSES`] listed).
