@@ -193,14 +193,7 @@ fn arm_dir(state: &State, dir: &Path, seen: Instant) {
 fn arm(state: &State, name: &str, seen: Instant) -> Result<()> {
     // The reload lock: rules, entries and hooks change one writer at a time.
     let mut ebpf = state.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(a) = state
-        .agents
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find(|a| a.name == name)
-        .cloned()
-    else {
+    let Some(a) = state.agent(name) else {
         return Ok(());
     };
     let Ok(new_id) = cgroup::cgroup_id(&a.cgroup_dir) else {

@@ -59,6 +59,16 @@ impl State {
             .clone()
     }
 
+    /// The running agent of that name, as the daemon knows it now.
+    pub fn agent(&self, name: &str) -> Option<AgentRuntime> {
+        self.agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|a| a.name == name)
+            .cloned()
+    }
+
     pub(crate) fn set_config(&self, config: Config) {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }

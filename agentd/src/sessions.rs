@@ -176,6 +176,41 @@ impl Sessions {
     }
 }
 
+/// The arguments a process shows (/proc/PID/cmdline); empty once it exited.
+pub fn process_cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// A process's effective uid and that user's name, where known.
+pub fn process_user(pid: u32) -> (Option<u32>, Option<String>) {
+    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| effective_uid(&s));
+    let user = uid.and_then(|u| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    });
+    (uid, user)
+}
+
+/// The effective uid from /proc/PID/status (`Uid: real effective saved fs`).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -189,4 +224,14 @@ fn parent_of(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn effective_uid_is_the_second_field() {
+        let status = "Name:\tsh\nUid:\t1000\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(super::effective_uid(status), Some(0));
+        assert_eq!(super::effective_uid("Name:\tsh\n"), None);
+    }
 }

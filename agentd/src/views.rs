@@ -2,7 +2,7 @@
 //! agent in full). Everything here is read from the kernel, /proc and the
 //! audit log at the time of asking, not from what the daemon remembers
 //! having done.
-use std::{fs, time::SystemTime};
+use std::time::SystemTime;
 
 use agentd_ebpf::AGENT_KILLED;
 
@@ -13,8 +13,9 @@ use crate::{
         AgentState, AgentSummary, ContainedAgent, ListReply, ProcessInfo, RuleInfo, SessionInfo,
         StatusReply,
     },
-    daemon::{AgentRuntime, State},
+    daemon::State,
     error::{Error, Result},
+    sessions,
 };
 
 /// Processes listed by `status` (the total is always given).
@@ -66,19 +67,10 @@ pub fn list(state: &State) -> Result<ListReply> {
     })
 }
 
-fn find(state: &State, agent: &str) -> Result<AgentRuntime> {
-    state
-        .agents
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find(|a| a.name == agent)
-        .cloned()
-        .ok_or_else(|| Error::Refused(format!("unknown agent {agent:?}")))
-}
-
 pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
-    let a = find(state, agent)?;
+    let a = state
+        .agent(agent)
+        .ok_or_else(|| Error::Refused(format!("unknown agent {agent:?}")))?;
     let (entry, counts) = {
         let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
         (maps.agent(a.cgroup_id), maps.counts(a.agent_id)?)
@@ -173,23 +165,8 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
 /// What /proc says about one process. A process that exits while we look
 /// keeps its pid in the answer with the rest unknown.
 fn process_info(state: &State, pid: u32) -> ProcessInfo {
-    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| effective_uid(&s));
-    let user = uid.and_then(|u| {
-        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-    });
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let (uid, user) = sessions::process_user(pid);
+    let cmdline = sessions::process_cmdline(pid);
     let session = state
         .sessions
         .lock()
@@ -201,26 +178,5 @@ fn process_info(state: &State, pid: u32) -> ProcessInfo {
         user,
         cmdline,
         session,
-    }
-}
-
-/// The effective uid from /proc/PID/status (`Uid: real effective saved fs`).
-fn effective_uid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn effective_uid_is_the_second_field() {
-        let status = "Name:\tsh\nUid:\t1000\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
-        assert_eq!(super::effective_uid(status), Some(0));
-        assert_eq!(super::effective_uid("Name:\tsh\n"), None);
     }
 }

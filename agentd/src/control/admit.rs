@@ -26,10 +26,8 @@ struct Target {
 }
 
 fn target(state: &State, agent: &str) -> Result<Target> {
-    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
-    let a = agents
-        .iter()
-        .find(|a| a.name == agent)
+    let a = state
+        .agent(agent)
         .ok_or_else(|| Error::Refused(format!("unknown agent {agent:?}")))?;
     let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
     // No entry in the kernel means nothing would judge it: say killed so
@@ -39,8 +37,8 @@ fn target(state: &State, agent: &str) -> Result<Target> {
         .is_none_or(|e| e.flags & AGENT_KILLED != 0);
     Ok(Target {
         cgroup: state.cgroups.relative(&a.cgroup_dir),
-        cgroup_dir: a.cgroup_dir.clone(),
-        owner: a.owner.clone(),
+        cgroup_dir: a.cgroup_dir,
+        owner: a.owner,
         killed,
     })
 }
@@ -205,19 +203,9 @@ pub(super) fn adopt(
             "pid {pid} exited and was reused during the move; check `agentd status {agent}`"
         )));
     }
-    let command: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let uid = fs::metadata(format!("/proc/{pid}"))
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(u32::MAX);
-    let target_user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name);
+    let command = crate::sessions::process_cmdline(pid);
+    let (uid, target_user) = crate::sessions::process_user(pid);
+    let uid = uid.unwrap_or(u32::MAX);
     let session = Session {
         id: next_id(state),
         agent: agent.to_owned(),

@@ -75,9 +75,9 @@ pub(super) async fn events(
         Reply::err(why)
     };
     if let Err(why) = super::authorize(&req, action, &caller, &state) {
-        let reply = fail("refused", why);
-        let msg = reply.error.clone().unwrap_or_default();
-        send(&mut write, &Reply::err(format!("permission denied: {msg}"))).await;
+        let Reply { error, .. } = fail("refused", why);
+        let why = error.unwrap_or_default();
+        send(&mut write, &Reply::err(format!("permission denied: {why}"))).await;
         return;
     }
     let matcher = match Matcher::new(&filter, SystemTime::now()) {
