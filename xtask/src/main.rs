@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 
 /// The bpf-linker release that works with these machines' nightly LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -40,6 +41,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the control request decoder and the config parser (nightly,
+    /// cargo-fuzz, installed when missing); reports each target's first failing input.
+    Fuzz {
+        /// How long each target explores.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: control_request and config).
+        targets: Vec<String>,
+    },
     /// Benchmarks on the real kernel (root), side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -61,6 +71,10 @@ fn main() -> anyhow::Result<()> {
             bail!("starting {}: {err}", bin.display());
         }
         Cmd::Test { args } => test(&args)?,
+        Cmd::Fuzz { seconds, targets } => {
+            ensure_prerequisites()?;
+            fuzz::fuzz(&targets, fuzz::Budget::Seconds(seconds))?;
+        }
         Cmd::Bench { which } => {
             let bin = build(true)?;
             bench::run(which, &bin)?;
@@ -177,5 +191,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     cmd.args(["test", "--workspace", "--exclude", "agentd-ebpf"])
         .args(args)
         .env("AGENTD_BIN", &bin);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if args.is_empty() {
+        // The fuzz targets are code too: build them and replay their seeds
+        // and saved corpus under the sanitizer, so `cargo xtask fuzz` keeps
+        // working. Exploring is `cargo xtask fuzz`'s job, not CI's.
+        fuzz::fuzz(&[], fuzz::Budget::Replay)?;
+    }
+    Ok(())
 }
