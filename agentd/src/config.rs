@@ -15,6 +15,8 @@ use toml::Spanned;
 
 pub use crate::access::AccessConfig;
 use crate::access::validate_principal;
+pub use daemon::DaemonConfig;
+use daemon::validate_daemon;
 
 /// A problem in a configuration file, located precisely enough to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,51 +58,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-fn default_socket() -> PathBuf {
-    "/run/agentd/agentd.sock".into()
-}
-fn default_state_dir() -> PathBuf {
-    "/var/lib/agentd".into()
-}
-fn default_audit_log() -> PathBuf {
-    "/var/log/agentd/audit.jsonl".into()
-}
-fn default_cgroup_root() -> String {
-    "agentd".into()
-}
-fn default_bpffs_dir() -> PathBuf {
-    "/sys/fs/bpf/agentd".into()
-}
-
-/// `[daemon]`: where agentd keeps its state. Every key has a default.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DaemonConfig {
-    #[serde(default = "default_socket")]
-    pub socket: PathBuf,
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
-    #[serde(default = "default_audit_log")]
-    pub audit_log: PathBuf,
-    /// A directory under the cgroup v2 mount holding one cgroup per agent.
-    #[serde(default = "default_cgroup_root")]
-    pub cgroup_root: String,
-    #[serde(default = "default_bpffs_dir")]
-    pub bpffs_dir: PathBuf,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        Self {
-            socket: default_socket(),
-            state_dir: default_state_dir(),
-            audit_log: default_audit_log(),
-            cgroup_root: default_cgroup_root(),
-            bpffs_dir: default_bpffs_dir(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -470,38 +427,6 @@ pub fn valid_agent_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-fn validate_daemon(d: &DaemonConfig) -> Result<(), (String, String)> {
-    for (key, path) in [
-        ("daemon.socket", &d.socket),
-        ("daemon.state_dir", &d.state_dir),
-        ("daemon.audit_log", &d.audit_log),
-        ("daemon.bpffs_dir", &d.bpffs_dir),
-    ] {
-        if !path.is_absolute() {
-            return Err((
-                key.into(),
-                format!("{} must be an absolute path", path.display()),
-            ));
-        }
-    }
-    let root = Path::new(&d.cgroup_root);
-    let relative_and_plain = !d.cgroup_root.is_empty()
-        && root.is_relative()
-        && root
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !relative_and_plain {
-        return Err((
-            "daemon.cgroup_root".into(),
-            format!(
-                "{:?} must be a relative path below the cgroup v2 mount, without `..`",
-                d.cgroup_root
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let net: IpNet = match s.parse() {
         Ok(n) => n,
@@ -585,5 +510,6 @@ fn key_in_message(message: &str) -> Option<String> {
     Some(message[start..start + len].to_owned())
 }
 
+mod daemon;
 #[cfg(test)]
 mod tests;

@@ -189,6 +189,7 @@ async fn handle_connection(
             "busy: uid {} already has {MAX_PER_UID} requests in progress; try again",
             peer.uid
         );
+        state.metrics.control_request("none", "busy");
         send(&mut write, &Reply::err(busy)).await;
         return;
     };

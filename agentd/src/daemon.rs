@@ -48,6 +48,7 @@ pub struct State {
     pub retired: Mutex<BTreeMap<String, Retired>>,
     /// When the policy generations a reload replaced may be deleted.
     pub gc_due: Mutex<Option<Instant>>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl State {
@@ -152,6 +153,7 @@ pub async fn run(config: Config) -> Result<()> {
         next_policy: AtomicU32::new(next_policy),
         retired: Mutex::new(contained),
         gc_due: Mutex::new(None),
+        metrics: crate::metrics::Metrics::new(),
     });
     let config = state.config();
     let agent_names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
@@ -174,6 +176,14 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(events::watch_losses(state.clone()));
     tokio::spawn(housekeeping(state.clone()));
 
+    // Bound before readiness: a configured endpoint that cannot be served is
+    // a start-up error, not a silent gap in monitoring.
+    if let Some(addr) = config.daemon.metrics_listen.0 {
+        let listener = crate::metrics::http::bind(addr).await?;
+        tracing::info!(listen = %addr, "serving /metrics");
+        tokio::spawn(crate::metrics::http::serve(listener, state.clone()));
+    }
+
     // Ready: every agent's enforcement is in place.
     let socket = config.daemon.socket.clone();
     let listener = control::bind(&socket, config.access.socket_group.as_deref())?;
@@ -185,6 +195,11 @@ pub async fn run(config: Config) -> Result<()> {
         "agentd ready"
     );
     tokio::spawn(control::serve(listener, state.clone()));
+    // Under systemd (Type=notify), readiness means enforcement is in place
+    // and the control socket answers. Outside systemd this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
 
     let mut term = signal(SignalKind::terminate()).ctx(|| "installing SIGTERM handler".into())?;
     let mut int = signal(SignalKind::interrupt()).ctx(|| "installing SIGINT handler".into())?;

@@ -222,6 +222,14 @@ pub fn switch(
             .map(|p| p.len())
             .unwrap_or(0);
         o.total_us = received.elapsed().as_secs_f64() * 1e6;
+        if !o.unchanged {
+            // For a kill: request to the last socket aborted, or to the
+            // flag when the agent held no socket.
+            let seconds = o.sockets.last_abort_us.max(o.flip_us) / 1e6;
+            state
+                .metrics
+                .kill_switch(&a.name, kill, kill.then_some(seconds));
+        }
         state.audit.record_now(
             if kill { "kill" } else { "restore" },
             serde_json::json!({

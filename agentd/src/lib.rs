@@ -22,6 +22,7 @@ pub mod events;
 pub mod kill;
 pub mod launch;
 pub mod maps;
+pub mod metrics;
 pub mod policy;
 pub mod programs;
 pub mod reload;

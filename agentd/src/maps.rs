@@ -50,6 +50,14 @@ pub struct Counts {
     pub events_lost: u64,
 }
 
+/// Decision counts indexed by protocol: 0 tcp, 1 udp, 2 other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountsByProtocol {
+    pub allowed: [u64; 3],
+    pub denied: [u64; 3],
+    pub audited: [u64; 3],
+}
+
 impl PolicyMaps {
     /// Takes the maps out of the loaded object; the ring buffer is returned
     /// separately for the event reader.
@@ -191,6 +199,23 @@ impl PolicyMaps {
             c.denied += v.denied.iter().sum::<u64>();
             c.audited += v.audited.iter().sum::<u64>();
             c.events_lost += v.events_lost;
+        }
+        Ok(c)
+    }
+
+    /// Summed over CPUs, by protocol (tcp, udp, other).
+    pub fn counts_by_protocol(&self, agent_id: u32) -> Result<CountsByProtocol> {
+        let values = self
+            .counters
+            .get(&agent_id, 0)
+            .map_err(map_err(map_names::COUNTERS))?;
+        let mut c = CountsByProtocol::default();
+        for v in values.iter() {
+            for p in 0..3 {
+                c.allowed[p] += v.allowed[p];
+                c.denied[p] += v.denied[p];
+                c.audited[p] += v.audited[p];
+            }
         }
         Ok(c)
     }

@@ -317,6 +317,22 @@ pub fn attached_programs(cgroup: &fs::File, attach_type: u32) -> Result<Vec<u32>
     Ok(ids[..n].to_vec())
 }
 
+/// Whether the kernel has every hook attached to `cgroup_dir` through the
+/// agent's pinned links: each pin's program must be in the cgroup's
+/// attached list (BPF_PROG_QUERY). A missing pin, a detached link or a
+/// recreated cgroup all answer false.
+pub fn hooks_attached(bpffs_dir: &Path, agent: &str, cgroup_dir: &Path) -> bool {
+    let links_dir = bpffs::agent_links_dir(bpffs_dir, agent);
+    let Ok(cgroup) = fs::File::open(cgroup_dir) else {
+        return false;
+    };
+    HOOKS.iter().all(|hook| {
+        pinned_program_id(&links_dir.join(hook.program)).is_ok_and(|id| {
+            attached_programs(&cgroup, hook.attach_type).is_ok_and(|ids| ids.contains(&id))
+        })
+    })
+}
+
 /// Removes an agent's pinned links; with no daemon holding them this detaches
 /// the programs from its cgroup.
 pub fn remove_links(bpffs_dir: &Path, agent: &str) -> Result<PathBuf> {

@@ -70,6 +70,7 @@ pub fn reload(state: &State) -> Result<ReloadReport> {
         crate::bound::remember(state);
         crate::bound::check(state);
     }
+    state.metrics.reload(result.is_ok());
     match &result {
         Ok(report) => {
             let mut report = report.clone();

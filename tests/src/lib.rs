@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod scrape;
+
 pub const EPERM: i64 = libc::EPERM as i64;
 
 /// Integration tests need root and BPF. Outside CI a non-root run skips
@@ -56,6 +58,9 @@ pub struct TestEnv {
     pub socket: PathBuf,
     pub audit_log: PathBuf,
     pub config: PathBuf,
+    /// `daemon.metrics_listen`: empty (no endpoint) unless a test sets it,
+    /// so that parallel daemons do not compete for one port.
+    pub metrics_listen: String,
     daemon: Option<Child>,
 }
 
@@ -77,6 +82,7 @@ impl TestEnv {
             socket: dir.join("agentd.sock"),
             audit_log: dir.join("audit.jsonl"),
             config: dir.join("agentd.toml"),
+            metrics_listen: String::new(),
             dir,
             daemon: None,
         }
@@ -85,12 +91,13 @@ impl TestEnv {
     /// The `[daemon]` section pointing at this test's private paths.
     pub fn daemon_section(&self) -> String {
         format!(
-            "[daemon]\nsocket = {:?}\nstate_dir = {:?}\naudit_log = {:?}\ncgroup_root = {:?}\nbpffs_dir = {:?}\n\n",
+            "[daemon]\nsocket = {:?}\nstate_dir = {:?}\naudit_log = {:?}\ncgroup_root = {:?}\nbpffs_dir = {:?}\nmetrics_listen = {:?}\n\n",
             self.socket,
             self.dir.join("state"),
             self.audit_log,
             self.cgroup_root,
-            self.bpffs_dir
+            self.bpffs_dir,
+            self.metrics_listen
         )
     }
 

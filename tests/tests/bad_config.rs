@@ -45,8 +45,8 @@ fn each_bad_config_is_refused_with_file_line_and_key() {
     for (agents, key, line) in CASES {
         let mut env = TestEnv::new("bad_config");
         env.write_config(agents);
-        // The [daemon] section written by the harness is 7 lines.
-        let line = line + 7;
+        // Lines are counted from the end of the harness's [daemon] section.
+        let line = line + env.daemon_section().lines().count();
         let config = env.config.to_str().unwrap().to_owned();
         let out = env.agentd(&["check-config", &config]);
         let err = String::from_utf8_lossy(&out.stderr);

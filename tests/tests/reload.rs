@@ -98,7 +98,7 @@ fn an_invalid_config_changes_nothing_and_sighup_applies_a_valid_one() {
     env.start_daemon();
     let before = env.agentd_json(&["status", "crm"]);
 
-    // Line 11 (after the six-line [daemon] section): a bad CIDR in a new agent.
+    // A bad CIDR in a new agent, past the [daemon] section.
     env.write_config(&format!(
         "{}{}",
         agent("crm", "127.0.0.2/32", p2),

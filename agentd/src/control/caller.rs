@@ -82,6 +82,7 @@ impl Caller {
         error: Option<&str>,
         reason: Option<&str>,
     ) {
+        state.metrics.control_request(action, result);
         state.audit.record_now(
             "control",
             serde_json::json!({
