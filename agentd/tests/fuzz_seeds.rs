@@ -1,10 +1,15 @@
 //! The fuzz targets' seeds are real inputs: every config seed is a valid
 //! config and every request seed a valid request. Checked here so the seeds
 //! follow the schema as it changes (a seed that no longer parses would
-//! quietly stop steering the fuzzer toward deep code).
+//! quietly stop steering the fuzzer toward deep code). Inputs the fuzzer
+//! once failed on are kept among the seeds as `regression-*`.
 use std::path::{Path, PathBuf};
 
-use agentd::{config::Config, control::decode};
+use agentd::{
+    audit::query::Matcher,
+    config::Config,
+    control::{Request, decode},
+};
 
 fn seeds(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,6 +37,12 @@ fn config_seeds_are_valid_configs() {
 fn request_seeds_are_valid_requests() {
     for file in seeds("control_request") {
         let line = std::fs::read(&file).expect("seed readable");
-        decode(&line).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let request = decode(&line).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        // What the daemon does next with an events request; a seed named
+        // regression-* once panicked here.
+        if let Request::Events { filter, .. } = &request {
+            Matcher::new(filter, std::time::SystemTime::now())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        }
     }
 }

@@ -79,7 +79,13 @@ pub struct Matcher {
 pub fn parse_since(text: &str, now: SystemTime) -> Result<OffsetDateTime, String> {
     let text = text.trim();
     if let Ok(d) = humantime::parse_duration(text) {
-        let at = now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH);
+        // Further back than the epoch (`--since 99999y`, found by the
+        // fuzzer) means "everything", and must not reach a date the time
+        // crate cannot hold: that panicked.
+        let at = now
+            .checked_sub(d)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         return Ok(OffsetDateTime::from(at));
     }
     OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
@@ -426,6 +432,14 @@ mod tests {
             OffsetDateTime::from(now - Duration::from_secs(600))
         );
         assert!(parse_since("2026-01-31T12:00:00Z", now).is_ok());
+        // Before the epoch, even before year -9999: everything.
+        for far in ["20000y", "2000000d 4444day"] {
+            assert_eq!(
+                parse_since(far, now).unwrap(),
+                OffsetDateTime::UNIX_EPOCH,
+                "{far}"
+            );
+        }
         let e = parse_since("yesterday-ish", now).unwrap_err();
         assert!(e.contains("10m"), "{e}");
         assert!(
