@@ -151,13 +151,58 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `agentd completions bash >
+    /// /etc/bash_completion.d/agentd`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): agentd(1), or agentd-COMMAND(1) for one
+    /// command (e.g. `agentd man kill | man -l -`).
+    Man {
+        /// A command, for its own page.
+        command: Option<String>,
+    },
+}
+
+/// Completions for `shell`, generated from the definition above.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "agentd", out);
+}
+
+/// The man page of agentd, or of one of its commands, as roff.
+pub fn man_page(command: Option<&str>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let page = match command {
+        None => cmd,
+        Some(name) => {
+            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no command {name:?}; `agentd --help` lists them"),
+                )
+            })?;
+            // The page is named agentd-NAME, as git and systemd name theirs.
+            let display = format!("agentd-{name}");
+            sub.name(display).version(env!("CARGO_PKG_VERSION"))
+        }
+    };
+    match clap_mangen::Man::new(page).render(out) {
+        // `agentd man | head`: the reader has seen what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 impl Command {
     /// Whether the output is JSON (errors then are too).
     pub fn json(&self) -> bool {
         match self {
-            Command::Daemon { .. } | Command::Exec { .. } => false,
+            Command::Daemon { .. }
+            | Command::Exec { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => false,
             Command::CheckConfig { json, .. }
             | Command::Adopt { json, .. }
             | Command::List { json }

@@ -171,6 +171,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => switch(socket, false, agent, all, &reason, json),
         Command::Reload { json } => show(json, &client::reload(socket)?, render::reload),
+        Command::Completions { shell } => {
+            agentd::cli::completions(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { command } => {
+            agentd::cli::man_page(command.as_deref(), &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Teardown {
             config,
             force,

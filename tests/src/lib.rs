@@ -124,12 +124,19 @@ impl TestEnv {
     /// Starts the daemon and waits (bounded) for its control socket, which
     /// appears only once enforcement is in place.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with_env(&[]);
+    }
+
+    /// Starts the daemon with extra environment variables and waits until
+    /// its control socket exists.
+    pub fn start_daemon_with_env(&mut self, vars: &[(&str, &str)]) {
         let _guard = STARTUP.lock().unwrap_or_else(|p| p.into_inner());
         assert!(self.daemon.is_none(), "daemon already running");
         let log = fs::File::create(self.dir.join("daemon.log")).expect("log");
         let child = Command::new(agentd_bin())
             .args(["daemon", "--config"])
             .arg(&self.config)
+            .envs(vars.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

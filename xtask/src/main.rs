@@ -147,6 +147,50 @@ fn ensure_prerequisites() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tools the ops-kit tests drive, and the Debian package that ships each.
+const TEST_TOOLS: [(&str, &str); 2] = [("promtool", "prometheus"), ("systemd-analyze", "systemd")];
+
+/// Installs the ops-kit tests' tools with apt when missing. In CI a tool
+/// that cannot be installed is an error (the tests must run, not skip).
+fn ensure_test_tools(ci: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} (for the ops-kit tests)",
+        missing.join(", ")
+    );
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    let result = install().or_else(|_| {
+        // A fresh machine may have no package lists yet.
+        run(Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .and_then(|()| install())
+    });
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if ci => Err(e.context(format!("installing {}", missing.join(", ")))),
+        Err(e) => {
+            eprintln!(
+                "xtask: could not install {}: {e:#}; those tests will skip",
+                missing.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Builds the daemon (and, through its build script, the eBPF programs).
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     ensure_prerequisites()?;
@@ -186,6 +230,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             bail!("integration tests must run as root in CI (they load BPF programs)");
         }
         eprintln!("xtask: not root: integration tests will report themselves skipped");
+    }
+    if root {
+        ensure_test_tools(ci)?;
     }
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--workspace", "--exclude", "agentd-ebpf"])
