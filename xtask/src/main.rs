@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod demo;
 mod fuzz;
 
 /// The bpf-linker release that works with these machines' nightly LLVM.
@@ -50,6 +51,10 @@ enum Cmd {
         /// Only these targets (default: control_request and config).
         targets: Vec<String>,
     },
+    /// Build, then tell agentd's story on loopback: mock ERP/CRM, a sample
+    /// agent, a blocked exfil attempt, the kill switch mid-stream, metrics,
+    /// restore; cleans up everything it made (needs root).
+    Demo,
     /// Benchmarks on the real kernel (root), side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -74,6 +79,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fuzz { seconds, targets } => {
             ensure_prerequisites()?;
             fuzz::fuzz(&targets, fuzz::Budget::Seconds(seconds))?;
+        }
+        Cmd::Demo => {
+            let bin = build(false)?;
+            demo::run(&bin, &build_demo_agent()?)?;
         }
         Cmd::Bench { which } => {
             let bin = build(true)?;
@@ -207,6 +216,18 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The demo's sample agent (a binary of the tests crate).
+fn build_demo_agent() -> anyhow::Result<PathBuf> {
+    run(Command::new("cargo").args([
+        "build",
+        "--package",
+        "agentd-tests",
+        "--bin",
+        "agentd-demo-agent",
+    ]))?;
+    Ok(workspace_root().join("target/debug/agentd-demo-agent"))
+}
+
 fn exec_daemon(bin: &Path, config: &Path) -> std::io::Error {
     use std::os::unix::process::CommandExt as _;
     eprintln!(
@@ -244,6 +265,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         // and saved corpus under the sanitizer, so `cargo xtask fuzz` keeps
         // working. Exploring is `cargo xtask fuzz`'s job, not CI's.
         fuzz::fuzz(&[], fuzz::Budget::Replay)?;
+        // The demo is documented as working on a fresh machine: prove it.
+        if root {
+            demo::run(&bin, &build_demo_agent()?)?;
+        }
     }
     Ok(())
 }
