@@ -186,6 +186,7 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let bpffs_dir = state.config().daemon.bpffs_dir.clone();
     let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
     for a in &agents {
         let name = a.name.as_str();
@@ -212,7 +213,7 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
         let ok = entry.is_some()
             && a.cgroup_id != 0
             && crate::cgroup::cgroup_id(&a.cgroup_dir).is_ok_and(|id| id == a.cgroup_id)
-            && programs::hooks_attached(&state.config().daemon.bpffs_dir, name, &a.cgroup_dir);
+            && programs::hooks_attached(&bpffs_dir, name, &a.cgroup_dir);
         healthy.with_label_values(&[name]).set(i64::from(ok));
     }
     if let Ok(n) = maps.total_events_lost() {
