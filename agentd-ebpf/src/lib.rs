@@ -8,7 +8,7 @@
 
 /// Bumped whenever a layout below changes. The daemon refuses to adopt pinned
 /// maps written with another version instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Agents are numbered densely from 0; the counters array has one slot per
 /// agent plus [`UNKNOWN_AGENT`].
@@ -24,6 +24,16 @@ pub const MAX_PREFIXES: u32 = 1 << 18;
 pub const MAX_PORT_BLOCKS: u32 = 1 << 17;
 /// Ring buffer size in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;
+/// Capacity of the learned-address map (addresses agentd's resolver wrote
+/// for hostname rules), twice the supported 65 536 so a reload can stage a
+/// full set beside the live one.
+pub const MAX_LEARNED: u32 = 1 << 17;
+/// Sockets whose DNS is steered to agentd at once (least recently used
+/// entries go first; only a socket that is still waiting for its reply
+/// needs its entry).
+pub const MAX_STEERED: u32 = 1 << 16;
+/// The DNS port: connects and sends to it are steered to agentd's resolver.
+pub const DNS_PORT: u16 = 53;
 
 /// Names of the pinned maps, shared so userspace opens exactly what the
 /// programs declare.
@@ -35,6 +45,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "AGENTD_COUNTERS";
     pub const EVENTS: &str = "AGENTD_EVENTS";
     pub const IDENTITY: &str = "AGENTD_IDENTITY";
+    pub const LEARNED: &str = "AGENTD_LEARNED";
+    pub const RESOLVERS: &str = "AGENTD_RESOLVERS";
+    pub const STEERED: &str = "AGENTD_STEERED";
 }
 
 /// Agent mode values (`AgentEntry::mode`).
@@ -91,6 +104,59 @@ pub const UDP_SOME_PORTS: u32 = 1 << 3;
 pub struct RuleValue {
     pub port_set: u32,
     pub flags: u32,
+}
+
+/// Key of the learned-address map: an address agentd's resolver answered
+/// for a hostname rule, under the policy generation it was written for (a
+/// reload re-writes the learned set for the new generation, so the switch
+/// stays one map update).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub policy_id: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 uses the first 4 bytes, the rest are zero.
+    pub addr: [u8; 16],
+}
+
+/// Value of the learned-address map: which ports (a port set of the same
+/// generation, as in [`RuleValue`]) and until when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedValue {
+    pub port_set: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) after which the
+    /// kernel ignores the entry, whether or not the daemon has removed it.
+    pub expires_ns: u64,
+}
+
+/// Where an agent's DNS goes: agentd's per-agent resolver sockets on
+/// 127.0.0.1 and ::1, ports in host byte order, 0 for none. Indexed by
+/// agent id. An agent with no entry (all zero) has no DNS steering: its
+/// DNS is judged by its rules like any other traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolverPorts {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
+}
+
+/// What a steered socket originally asked for, so that replies and
+/// `getpeername` show the server the agent believes it talks to. Values are
+/// exactly as the socket-address hook saw them (`user_ip4` in `ip[0]`, or
+/// the four `user_ip6` words; `user_port`), keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteeredDst {
+    pub ip: [u32; 4],
+    pub port: u32,
+    /// The resolver port it was steered to, as written to `user_port`.
+    pub resolver_port: u32,
 }
 
 /// Protocol numbers as the kernel reports them.
@@ -150,6 +216,8 @@ pub const REASON_NO_RULE: u8 = 2;
 pub const REASON_KILLED: u8 = 3;
 pub const REASON_UNKNOWN_AGENT: u8 = 4;
 pub const REASON_PROTOCOL: u8 = 5;
+/// Allowed by an address agentd's resolver learned for a hostname rule.
+pub const REASON_HOST: u8 = 6;
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
@@ -201,6 +269,10 @@ mod user {
     unsafe impl aya::Pod for PortBlock {}
     unsafe impl aya::Pod for AgentCounters {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for LearnedValue {}
+    unsafe impl aya::Pod for ResolverPorts {}
+    unsafe impl aya::Pod for SteeredDst {}
 }
 
 // Layouts are part of the ABI: catch accidental changes at compile time.
@@ -213,4 +285,8 @@ const _: () = {
     assert!(core::mem::size_of::<PortBlock>() == 64);
     assert!(core::mem::size_of::<AgentCounters>() == 88);
     assert!(core::mem::size_of::<Event>() == 80);
+    assert!(core::mem::size_of::<LearnedKey>() == 24);
+    assert!(core::mem::size_of::<LearnedValue>() == 16);
+    assert!(core::mem::size_of::<ResolverPorts>() == 8);
+    assert!(core::mem::size_of::<SteeredDst>() == 24);
 };

@@ -1,4 +1,6 @@
 use agentd_ebpf::*;
+
+use crate::steer;
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
@@ -14,7 +16,7 @@ use aya_ebpf::{
 // kernel keeps enforcing if the daemon dies, and a restarted daemon finds the
 // same state.
 #[map(name = "AGENTD_AGENTS")]
-static AGENTS: HashMap<u64, AgentEntry> = HashMap::pinned(MAX_AGENTS, 0);
+pub(crate) static AGENTS: HashMap<u64, AgentEntry> = HashMap::pinned(MAX_AGENTS, 0);
 
 #[map(name = "AGENTD_RULES_V4")]
 static RULES_V4: LpmTrie<Rule4Key, RuleValue> = LpmTrie::pinned(MAX_PREFIXES, 0);
@@ -27,6 +29,9 @@ static PORTS: HashMap<PortBlockKey, PortBlock> = HashMap::pinned(MAX_PORT_BLOCKS
 
 #[map(name = "AGENTD_COUNTERS")]
 static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::pinned(MAX_AGENTS + 1, 0);
+
+#[map(name = "AGENTD_LEARNED")]
+static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(MAX_LEARNED, 0);
 
 #[map(name = "AGENTD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
@@ -47,15 +52,15 @@ static IDENTITY: aya_ebpf::maps::CgroupStorage<u64> = aya_ebpf::maps::CgroupStor
 
 /// The agent cgroup this program invocation is attached for.
 #[inline(always)]
-fn agent_cgroup() -> u64 {
+pub(crate) fn agent_cgroup() -> u64 {
     // SAFETY: bpf_get_local_storage always returns valid storage for the
     // attachment that is running.
     unsafe { *IDENTITY.get_ptr_mut() }
 }
 
 /// The cgroup hooks' return values.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
 
 /// bpf_ringbuf_query / bpf_ringbuf_submit flags (UAPI).
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -81,6 +86,9 @@ struct Decision {
 
 #[cgroup_sock_addr(connect4)]
 pub fn agentd_connect4(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = steer::steer4(&ctx) {
+        return verdict;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid bpf_sock_addr for this hook.
     let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
@@ -89,12 +97,18 @@ pub fn agentd_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn agentd_connect6(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = steer::steer6(&ctx) {
+        return verdict;
+    }
     let (dst, port, proto) = read_v6(ctx.sock_addr);
     judge(KIND_CONNECT, dst, port, proto)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn agentd_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = steer::steer4(&ctx) {
+        return verdict;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: as above.
     let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
@@ -103,6 +117,9 @@ pub fn agentd_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn agentd_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = steer::steer6(&ctx) {
+        return verdict;
+    }
     let (dst, port, proto) = read_v6(ctx.sock_addr);
     judge(KIND_SENDMSG, dst, port, proto)
 }
@@ -313,10 +330,11 @@ fn decide(cgroup_id: u64, dst: Dst, port: u16, proto: u8) -> Decision {
             reason: REASON_KILLED,
         };
     }
-    let allowed = (proto == PROTO_TCP || proto == PROTO_UDP)
-        && rule_allows(agent.policy_id, dst, port, proto);
-    let (verdict, reason) = if allowed {
+    let tcp_or_udp = proto == PROTO_TCP || proto == PROTO_UDP;
+    let (verdict, reason) = if tcp_or_udp && rule_allows(agent.policy_id, dst, port, proto) {
         (VERDICT_ALLOW, REASON_RULE)
+    } else if tcp_or_udp && learned_allows(agent.policy_id, dst, port, proto) {
+        (VERDICT_ALLOW, REASON_HOST)
     } else if agent.mode == MODE_AUDIT {
         (VERDICT_AUDIT, REASON_NO_RULE)
     } else if proto == PROTO_TCP || proto == PROTO_UDP {
@@ -346,33 +364,59 @@ fn rule_allows(policy_id: u32, dst: Dst, port: u16, proto: u8) -> bool {
             );
             RULES_V4.get(&key).copied()
         }
-        Dst::V6(w) => {
-            let mut addr = [0u8; 16];
-            addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-            addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-            addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-            addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        Dst::V6(_) => {
+            let (_, addr) = dst_bytes(dst);
             let key = Key::new(160, Rule6Key { policy, addr });
             RULES_V6.get(&key).copied()
         }
     };
-    let Some(value) = value else {
+    match value {
+        Some(value) => ports_allow(policy_id, value.port_set, value.flags, port, proto),
+        None => false,
+    }
+}
+
+/// Whether agentd's resolver has learned this destination for one of the
+/// agent's hostname rules, and the entry has not expired. The kernel checks
+/// the expiry itself: a learned address stops working on time even if the
+/// daemon is not there to remove it.
+#[inline(always)]
+fn learned_allows(policy_id: u32, dst: Dst, port: u16, proto: u8) -> bool {
+    let (family, addr) = dst_bytes(dst);
+    let key = LearnedKey {
+        policy_id,
+        family,
+        _pad: [0; 3],
+        addr,
+    };
+    // SAFETY: plain data, replaced whole by userspace.
+    let Some(value) = (unsafe { LEARNED.get(&key) }) else {
         return false;
     };
+    // SAFETY: plain helper call.
+    if value.expires_ns <= unsafe { bpf_ktime_get_coarse_ns() } {
+        return false;
+    }
+    ports_allow(policy_id, value.port_set, value.flags, port, proto)
+}
+
+/// The port half of a rule value: all ports, none, or a bitmap lookup.
+#[inline(always)]
+fn ports_allow(policy_id: u32, port_set: u32, flags: u32, port: u16, proto: u8) -> bool {
     let (all, some) = if proto == PROTO_TCP {
         (TCP_ALL_PORTS, TCP_SOME_PORTS)
     } else {
         (UDP_ALL_PORTS, UDP_SOME_PORTS)
     };
-    if value.flags & all != 0 {
+    if flags & all != 0 {
         return true;
     }
-    if value.flags & some == 0 {
+    if flags & some == 0 {
         return false;
     }
     let key = PortBlockKey {
         policy_id,
-        port_set: value.port_set,
+        port_set,
         proto,
         _pad: 0,
         block: port / PORTS_PER_BLOCK as u16,
@@ -383,6 +427,26 @@ fn rule_allows(policy_id: u32, dst: Dst, port: u16, proto: u8) -> bool {
     let within = port as usize % PORTS_PER_BLOCK as usize;
     let word = (within / 64) & 7;
     block.bits[word] & (1u64 << (within % 64)) != 0
+}
+
+/// The family and network-order bytes of a destination (IPv4 in the first
+/// four bytes), as events and learned-address keys carry it.
+#[inline(always)]
+fn dst_bytes(dst: Dst) -> (u8, [u8; 16]) {
+    let mut addr = [0u8; 16];
+    match dst {
+        Dst::V4(ip) => {
+            addr[0..4].copy_from_slice(&ip.to_ne_bytes());
+            (AF_INET, addr)
+        }
+        Dst::V6(w) => {
+            addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            (AF_INET6, addr)
+        }
+    }
 }
 
 #[inline(always)]
@@ -425,20 +489,7 @@ fn record(cgroup_id: u64, d: &Decision, kind: u8, proto: u8, sock_type: u8, dst:
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let mut dst_addr = [0u8; 16];
-    let family = match dst {
-        Dst::V4(ip) => {
-            dst_addr[0..4].copy_from_slice(&ip.to_ne_bytes());
-            AF_INET
-        }
-        Dst::V6(w) => {
-            dst_addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-            dst_addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-            dst_addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-            dst_addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
-            AF_INET6
-        }
-    };
+    let (family, dst_addr) = dst_bytes(dst);
     entry.write(Event {
         ts_ns: unsafe { bpf_ktime_get_coarse_ns() },
         cgroup_id,

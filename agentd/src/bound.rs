@@ -224,7 +224,7 @@ fn arm(state: &State, name: &str, seen: Instant) -> Result<()> {
     let hooks = programs::attach_or_adopt(&mut ebpf, &bpffs_dir, name, &a.cgroup_dir)?;
     {
         let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
-        for (hook, _) in &hooks {
+        for (hook, _) in hooks.iter().filter(|(h, _)| h.identity) {
             maps.set_identity(new_id, hook.attach_type)?;
         }
         if a.cgroup_id != 0 {

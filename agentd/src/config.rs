@@ -17,6 +17,9 @@ pub use crate::access::AccessConfig;
 use crate::access::validate_principal;
 pub use daemon::DaemonConfig;
 use daemon::validate_daemon;
+pub use dns::{DnsConfig, Refusal};
+use dns::{RawDns, validate_dns};
+pub use host::{HostPattern, HostRule};
 
 /// A problem in a configuration file, located precisely enough to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +101,11 @@ enum RawPort {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    cidr: Spanned<String>,
+    /// Exactly one of `cidr` and `host`.
+    #[serde(default)]
+    cidr: Option<Spanned<String>>,
+    #[serde(default)]
+    host: Option<Spanned<String>>,
     #[serde(default)]
     ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
     #[serde(default)]
@@ -146,8 +153,14 @@ struct RawConfig {
     daemon: Spanned<DaemonConfig>,
     #[serde(default)]
     access: RawAccess,
+    #[serde(default = "default_dns")]
+    dns: Spanned<RawDns>,
     #[serde(default, rename = "agent")]
     agents: Vec<Spanned<RawAgent>>,
+}
+
+fn default_dns() -> Spanned<RawDns> {
+    Spanned::new(0..0, RawDns::default())
 }
 
 fn default_daemon() -> Spanned<DaemonConfig> {
@@ -208,21 +221,30 @@ impl Rule {
 
     /// Short human form, e.g. `10.20.0.0/16 tcp 443,8000-8100`.
     pub fn describe(&self) -> String {
-        let proto = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Any => "any",
-        };
-        let ports = match &self.ports {
-            None => "all-ports".to_owned(),
-            Some(p) => p
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        };
-        format!("{} {proto} {ports}", self.cidr)
+        format!(
+            "{} {}",
+            self.cidr,
+            describe_access(self.protocol, self.ports.as_deref())
+        )
     }
+}
+
+/// `tcp 443,8000-8100`, `any all-ports`: a rule's protocol and ports.
+fn describe_access(protocol: Protocol, ports: Option<&[PortRange]>) -> String {
+    let proto = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Any => "any",
+    };
+    let ports = match ports {
+        None => "all-ports".to_owned(),
+        Some(p) => p
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    format!("{proto} {ports}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -231,7 +253,11 @@ pub struct Agent {
     pub owner: String,
     pub description: String,
     pub mode: Mode,
+    /// Address rules (`cidr`).
     pub allow: Vec<Rule>,
+    /// Hostname rules (`host`): addresses agentd's resolver answers for
+    /// these names are allowed for as long as their TTL (clamped).
+    pub hosts: Vec<HostRule>,
     pub launchers: Vec<String>,
     /// A cgroup that exists apart from agentd (relative to the cgroup v2
     /// mount) and is this agent's identity: agentd attaches to it and
@@ -244,6 +270,7 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
     pub access: AccessConfig,
+    pub dns: DnsConfig,
     pub agents: Vec<Agent>,
 }
 
@@ -320,6 +347,10 @@ impl Config {
             viewers: principals(raw.access.viewers, "access.viewers")?,
         };
 
+        let dns_span = raw.dns.span();
+        let dns = validate_dns(raw.dns.into_inner(), dns_span)
+            .map_err(|(span, key, msg)| at(span, &key, msg))?;
+
         let mut names = HashSet::new();
         let mut bound = HashSet::new();
         let mut agents = Vec::with_capacity(raw.agents.len());
@@ -349,12 +380,34 @@ impl Config {
                 ));
             }
             let mut allow = Vec::with_capacity(agent.allow.len());
+            let mut hosts = Vec::new();
             for (j, rule) in agent.allow.into_iter().enumerate() {
                 let rule_span = rule.span();
                 let rule = rule.into_inner();
                 let rkey = |k: &str| key(&format!("allow[{j}].{k}"));
-                let cidr = parse_cidr(rule.cidr.get_ref())
-                    .map_err(|m| at(rule.cidr.span(), &rkey("cidr"), m))?;
+                let target = match (&rule.cidr, &rule.host) {
+                    (Some(c), None) => Target::Cidr(
+                        parse_cidr(c.get_ref()).map_err(|m| at(c.span(), &rkey("cidr"), m))?,
+                    ),
+                    (None, Some(h)) => Target::Host(
+                        HostPattern::parse(h.get_ref())
+                            .map_err(|m| at(h.span(), &rkey("host"), m))?,
+                    ),
+                    (Some(_), Some(h)) => {
+                        return Err(at(
+                            h.span(),
+                            &rkey("host"),
+                            "a rule has either `cidr` or `host`, not both".into(),
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(at(
+                            rule_span,
+                            &key(&format!("allow[{j}]")),
+                            "a rule needs `cidr` (addresses) or `host` (a name)".into(),
+                        ));
+                    }
+                };
                 let ports = match rule.ports {
                     None => None,
                     Some(list) => {
@@ -375,12 +428,21 @@ impl Config {
                         Some(out)
                     }
                 };
-                allow.push(Rule {
-                    cidr,
-                    ports,
-                    protocol: rule.protocol,
-                    line: lines.locate(rule_span.start).0,
-                });
+                let line = lines.locate(rule_span.start).0;
+                match target {
+                    Target::Cidr(cidr) => allow.push(Rule {
+                        cidr,
+                        ports,
+                        protocol: rule.protocol,
+                        line,
+                    }),
+                    Target::Host(host) => hosts.push(HostRule {
+                        host,
+                        ports,
+                        protocol: rule.protocol,
+                        line,
+                    }),
+                }
             }
             let launchers = principals(agent.launchers, &key("launchers"))?;
             let cgroup = match agent.cgroup {
@@ -404,6 +466,7 @@ impl Config {
                 description: agent.description,
                 mode: agent.mode,
                 allow,
+                hosts,
                 launchers,
                 cgroup,
             });
@@ -412,9 +475,16 @@ impl Config {
             path: path.to_owned(),
             daemon,
             access,
+            dns,
             agents,
         })
     }
+}
+
+/// What an allow rule names.
+enum Target {
+    Cidr(IpNet),
+    Host(HostPattern),
 }
 
 /// `[a-z0-9][a-z0-9-]{0,62}`: safe as a cgroup directory name and a label.
@@ -511,5 +581,7 @@ fn key_in_message(message: &str) -> Option<String> {
 }
 
 mod daemon;
+mod dns;
+pub mod host;
 #[cfg(test)]
 mod tests;

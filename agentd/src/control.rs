@@ -332,7 +332,7 @@ fn authorize(
     ))
 }
 
-fn dispatch(req: Request, caller: &Caller, state: &State, received: Instant) -> Reply {
+fn dispatch(req: Request, caller: &Caller, state: &Arc<State>, received: Instant) -> Reply {
     let (action, target, reason) = describe(&req);
     let reason = reason.as_deref();
     if let Err(why) = authorize(&req, action, caller, state) {

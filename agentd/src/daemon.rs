@@ -49,6 +49,8 @@ pub struct State {
     /// When the policy generations a reload replaced may be deleted.
     pub gc_due: Mutex<Option<Instant>>,
     pub metrics: crate::metrics::Metrics,
+    /// The resolver for agents with hostname rules.
+    pub dns: crate::dns::Resolver,
 }
 
 impl State {
@@ -154,6 +156,7 @@ pub async fn run(config: Config) -> Result<()> {
         retired: Mutex::new(contained),
         gc_due: Mutex::new(None),
         metrics: crate::metrics::Metrics::new(),
+        dns: crate::dns::Resolver::new(),
     });
     let config = state.config();
     let agent_names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
@@ -175,6 +178,10 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(events::run(ring, state.clone()));
     tokio::spawn(events::watch_losses(state.clone()));
     tokio::spawn(housekeeping(state.clone()));
+    // Agents with hostname rules get their resolver before readiness: an
+    // agent started once agentd is ready finds its DNS answered.
+    crate::dns::sync(&state)?;
+    tokio::spawn(crate::dns::sweep(state.clone()));
 
     // Bound before readiness: a configured endpoint that cannot be served is
     // a start-up error, not a silent gap in monitoring.

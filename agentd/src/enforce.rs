@@ -2,7 +2,10 @@
 //! retiring it. Shared by daemon start-up and live reload, so both follow
 //! the same order: rules are written before anything points at them, and an
 //! agent's rules change with one map update.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use agentd_ebpf::{AgentEntry, MODE_AUDIT, MODE_ENFORCE};
 use aya::Ebpf;
@@ -10,6 +13,7 @@ use aya::Ebpf;
 use crate::{
     cgroup::{self, CgroupTree},
     config::{Agent, Mode, Rule},
+    dns::HostRules,
     error::Result,
     maps::PolicyMaps,
     policy::{CompiledPolicy, RuleIndex},
@@ -30,6 +34,8 @@ pub struct AgentRuntime {
     pub rules: Vec<Rule>,
     /// Names the rule behind an allow verdict in the audit log.
     pub rule_index: RuleIndex,
+    /// Hostname rules, answered by agentd's resolver.
+    pub hosts: Arc<HostRules>,
     pub agent_id: u32,
     pub cgroup_id: u64,
     pub cgroup_dir: PathBuf,
@@ -93,7 +99,7 @@ pub fn install(
         },
     )?;
     let hooks = programs::attach_or_adopt(k.ebpf, k.bpffs_dir, &agent.name, &cgroup_dir)?;
-    for (hook, _) in &hooks {
+    for (hook, _) in hooks.iter().filter(|(h, _)| h.identity) {
         k.maps.set_identity(cgroup_id, hook.attach_type)?;
     }
     let adopted = hooks.iter().all(|(_, a)| *a == Attachment::Adopted);
@@ -117,6 +123,7 @@ pub fn runtime(
         mode: agent.mode,
         rules: agent.allow.clone(),
         rule_index: RuleIndex::new(&agent.allow),
+        hosts: HostRules::new(&agent.hosts),
         agent_id,
         cgroup_id,
         cgroup_dir,

@@ -9,9 +9,9 @@ use std::{
 };
 
 use agentd_ebpf::{
-    Event, KIND_CONNECT, KIND_SENDMSG, KIND_SOCKET, PROTO_TCP, PROTO_UDP, REASON_KILLED,
-    REASON_NO_RULE, REASON_PROTOCOL, REASON_RULE, REASON_UNKNOWN_AGENT, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Event, KIND_CONNECT, KIND_SENDMSG, KIND_SOCKET, PROTO_TCP, PROTO_UDP, REASON_HOST,
+    REASON_KILLED, REASON_NO_RULE, REASON_PROTOCOL, REASON_RULE, REASON_UNKNOWN_AGENT,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
@@ -38,6 +38,10 @@ pub struct Decision<'a> {
     pub dst_port: Option<u16>,
     /// The config rule that allows this destination (allow verdicts).
     pub rule: Option<String>,
+    /// The name agentd's resolver answered this address for (hostname
+    /// rules), when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub cgroup_id: u64,
     /// Identical decisions folded into this line (same process, thread,
     /// destination, verdict), exact; `last_ts` is the last one's time.
@@ -71,6 +75,7 @@ fn reason_name(r: u8) -> &'static str {
         REASON_KILLED => "killed",
         REASON_UNKNOWN_AGENT => "unknown_agent",
         REASON_PROTOCOL => "protocol",
+        REASON_HOST => "host_rule",
         _ => "unknown",
     }
 }
@@ -120,15 +125,44 @@ fn fold_key(ev: &Event) -> Event {
 const MAX_BATCH: usize = 65_536;
 
 fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
-    let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
-    let agent = agents.iter().find(|a| a.agent_id == ev.agent_id);
     let addr = event_addr(ev.family, &ev.dst_addr);
     let is_socket = ev.kind == KIND_SOCKET;
-    let rule = match (agent, ev.verdict) {
-        (Some(a), VERDICT_ALLOW) if !is_socket => a
-            .rule_index
-            .find(&a.rules, addr, ev.dst_port, ev.protocol == PROTO_TCP)
-            .map(|i| format!("{} (line {})", a.rules[i].describe(), a.rules[i].line)),
+    let tcp = ev.protocol == PROTO_TCP;
+    // Read and released before the learned lock, which comes first in the
+    // lock order.
+    let (agent, owner, mut rule, hosts) = {
+        let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+        match agents.iter().find(|a| a.agent_id == ev.agent_id) {
+            Some(a) => {
+                let rule = match ev.verdict {
+                    VERDICT_ALLOW if !is_socket && ev.reason == REASON_RULE => a
+                        .rule_index
+                        .find(&a.rules, addr, ev.dst_port, tcp)
+                        .map(|i| format!("{} (line {})", a.rules[i].describe(), a.rules[i].line)),
+                    _ => None,
+                };
+                (
+                    Some(a.name.clone()),
+                    Some(a.owner.clone()),
+                    rule,
+                    Some(a.hosts.clone()),
+                )
+            }
+            None => (None, None, None, None),
+        }
+    };
+    let host = match (&agent, &hosts) {
+        (Some(name), Some(hosts)) if !is_socket && !hosts.is_empty() => {
+            let learned = state.dns.learned();
+            match learned.grant_for(name, addr, ev.dst_port, tcp) {
+                Some((host, i)) if ev.reason == REASON_HOST => {
+                    let r = &hosts.rules.get(i);
+                    rule = r.map(|r| format!("{} (line {})", r.describe(), r.line));
+                    Some(host)
+                }
+                _ => learned.names_for(name, addr).into_iter().next(),
+            }
+        }
         _ => None,
     };
     let session = state
@@ -137,8 +171,8 @@ fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .session_of(ev.pid);
     let record = Decision {
-        agent: agent.map(|a| a.name.as_str()),
-        owner: agent.map(|a| a.owner.as_str()),
+        agent: agent.as_deref(),
+        owner: owner.as_deref(),
         session,
         verdict: verdict_name(ev.verdict),
         reason: reason_name(ev.reason),
@@ -151,6 +185,7 @@ fn write_decision(state: &State, ev: &Event, count: u64, last_boot_ns: u64) {
         dst_ip: (!is_socket).then(|| addr.to_string()),
         dst_port: (!is_socket).then_some(ev.dst_port),
         rule,
+        host,
         cgroup_id: ev.cgroup_id,
         count,
         last_ts: (count > 1).then(|| crate::audit::rfc3339(wall_time(last_boot_ns))),

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod enforce;
 pub mod error;
 pub mod events;

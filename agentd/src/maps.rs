@@ -3,13 +3,14 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use agentd_ebpf::{
-    AgentCounters, AgentEntry, MAX_AGENTS, PortBlock, PortBlockKey, Rule4Key, Rule6Key, RuleValue,
-    map_names,
+    AgentCounters, AgentEntry, LearnedKey, LearnedValue, MAX_AGENTS, PortBlock, PortBlockKey,
+    ResolverPorts, Rule4Key, Rule6Key, RuleValue, map_names,
 };
 use aya::{
     Ebpf,
     maps::{
-        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
     },
     util::nr_cpus,
 };
@@ -33,6 +34,8 @@ pub struct PolicyMaps {
     ports: HashMap<MapData, PortBlockKey, PortBlock>,
     counters: PerCpuArray<MapData, AgentCounters>,
     identity: IdentityMap,
+    learned: HashMap<MapData, LearnedKey, LearnedValue>,
+    resolvers: Array<MapData, ResolverPorts>,
 }
 
 #[expect(
@@ -80,6 +83,10 @@ impl PolicyMaps {
             RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?;
         let identity = IdentityMap::try_from(take(map_names::IDENTITY)?)
             .map_err(map_err(map_names::IDENTITY))?;
+        let learned =
+            HashMap::try_from(take(map_names::LEARNED)?).map_err(map_err(map_names::LEARNED))?;
+        let resolvers =
+            Array::try_from(take(map_names::RESOLVERS)?).map_err(map_err(map_names::RESOLVERS))?;
         Ok((
             Self {
                 agents,
@@ -88,6 +95,8 @@ impl PolicyMaps {
                 ports,
                 counters,
                 identity,
+                learned,
+                resolvers,
             },
             events,
         ))
@@ -152,6 +161,30 @@ impl PolicyMaps {
         Ok(())
     }
 
+    /// Allows a learned address (see `dns::learned`); replaces any entry.
+    pub fn set_learned(&mut self, key: &LearnedKey, value: &LearnedValue) -> Result<()> {
+        self.learned
+            .insert(key, value, 0)
+            .map_err(|e| capacity(map_names::LEARNED, e))
+    }
+
+    pub fn remove_learned(&mut self, key: &LearnedKey) -> Result<()> {
+        match self.learned.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(map_err(map_names::LEARNED)(e)),
+        }
+    }
+
+    /// Where the agent's DNS is steered; all zero: not steered.
+    pub fn set_resolver(&mut self, agent_id: u32, ports: ResolverPorts) -> Result<()> {
+        self.resolvers
+            .set(agent_id, ports, 0)
+            .map_err(map_err(map_names::RESOLVERS))
+    }
+
     /// Deletes every rule and port entry of generations not in `live`. Safe
     /// at any time: no agent entry refers to them.
     pub fn collect_garbage(&mut self, live: &HashSet<u32>) -> Result<usize> {
@@ -174,7 +207,16 @@ impl PolicyMaps {
             .filter_map(|k| k.ok())
             .filter(|k| !live.contains(&k.policy_id))
             .collect();
-        let n = v4.len() + v6.len() + ports.len();
+        let learned: Vec<LearnedKey> = self
+            .learned
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&k.policy_id))
+            .collect();
+        let n = v4.len() + v6.len() + ports.len() + learned.len();
+        for k in &learned {
+            let _ = self.learned.remove(k);
+        }
         for k in &v4 {
             let _ = self.rules_v4.remove(k);
         }

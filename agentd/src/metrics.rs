@@ -24,6 +24,7 @@ pub struct Metrics {
     kill_duration: Histogram,
     reloads: IntCounterVec,
     control_requests: IntCounterVec,
+    dns_queries: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -70,6 +71,15 @@ impl Metrics {
             &["action", "result"],
         )
         .expect("valid metric");
+        let dns_queries = IntCounterVec::new(
+            Opts::new(
+                "agentd_dns_queries_total",
+                "DNS queries agents sent (steered to agentd's resolver), by verdict (allow, \
+                 deny, audit) and result (answered, refused, failed).",
+            ),
+            &["agent", "verdict", "result"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("agentd_build_info", "agentd's version; always 1."),
             &["version"],
@@ -83,6 +93,7 @@ impl Metrics {
             Box::new(kill_duration.clone()),
             Box::new(reloads.clone()),
             Box::new(control_requests.clone()),
+            Box::new(dns_queries.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -98,7 +109,15 @@ impl Metrics {
             kill_duration,
             reloads,
             control_requests,
+            dns_queries,
         }
+    }
+
+    /// One query an agent's resolver handled; all three labels bounded.
+    pub fn dns_query(&self, agent: &str, verdict: &str, result: &str) {
+        self.dns_queries
+            .with_label_values(&[agent, verdict, result])
+            .inc();
     }
 
     /// A kill or restore that changed the agent's state; `seconds` for kills.

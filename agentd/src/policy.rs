@@ -18,7 +18,7 @@ use agentd_ebpf::{
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 
-use crate::config::{PortRange, Rule};
+use crate::config::{PortRange, Protocol, Rule};
 
 /// Which ports of one protocol a prefix allows.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -90,7 +90,56 @@ pub struct Access {
 }
 
 impl Access {
-    fn union(&self, other: &Self) -> Self {
+    /// What one rule's `ports` and `protocol` allow.
+    pub fn of(ports: Option<&[PortRange]>, protocol: Protocol) -> Self {
+        let ports = Ports::from_rule(ports);
+        Self {
+            tcp: if protocol.covers_tcp() {
+                ports.clone()
+            } else {
+                Ports::Nothing
+            },
+            udp: if protocol.covers_udp() {
+                ports
+            } else {
+                Ports::Nothing
+            },
+        }
+    }
+
+    /// The kernel's flags for this access (`TCP_ALL_PORTS`, ...).
+    pub fn flags(&self) -> u32 {
+        let tcp = match self.tcp {
+            Ports::All => TCP_ALL_PORTS,
+            Ports::Some(_) => TCP_SOME_PORTS,
+            Ports::Nothing => 0,
+        };
+        let udp = match self.udp {
+            Ports::All => UDP_ALL_PORTS,
+            Ports::Some(_) => UDP_SOME_PORTS,
+            Ports::Nothing => 0,
+        };
+        tcp | udp
+    }
+
+    /// Whether a port set (bitmaps) is needed: some ports, not all.
+    pub fn needs_port_set(&self) -> bool {
+        matches!(self.tcp, Ports::Some(_)) || matches!(self.udp, Ports::Some(_))
+    }
+
+    /// The bitmap blocks of this access as port set `port_set` of
+    /// generation `policy_id`.
+    pub fn port_blocks(&self, policy_id: u32, port_set: u32) -> Vec<(PortBlockKey, PortBlock)> {
+        let mut out = Vec::new();
+        for (proto, ports) in [(PROTO_TCP, &self.tcp), (PROTO_UDP, &self.udp)] {
+            if let Ports::Some(ranges) = ports {
+                out.extend(port_blocks(policy_id, port_set, proto, ranges));
+            }
+        }
+        out
+    }
+
+    pub fn union(&self, other: &Self) -> Self {
         Self {
             tcp: self.tcp.union(&other.tcp),
             udp: self.udp.union(&other.udp),
@@ -109,19 +158,7 @@ impl CompiledPolicy {
         // 1. Rules with the same prefix share one entry.
         let mut by_prefix: HashMap<IpNet, Access> = HashMap::new();
         for rule in rules {
-            let ports = Ports::from_rule(rule.ports.as_deref());
-            let access = Access {
-                tcp: if rule.protocol.covers_tcp() {
-                    ports.clone()
-                } else {
-                    Ports::Nothing
-                },
-                udp: if rule.protocol.covers_udp() {
-                    ports
-                } else {
-                    Ports::Nothing
-                },
-            };
+            let access = Access::of(rule.ports.as_deref(), rule.protocol);
             let entry = by_prefix.entry(rule.cidr).or_default();
             *entry = entry.union(&access);
         }
@@ -167,33 +204,19 @@ impl CompiledPolicy {
         let mut out = MapEntries::default();
         let mut sets: HashMap<&Access, u32> = HashMap::new();
         for (net, access) in &self.prefixes {
-            let mut flags = 0;
-            let some = |p: &Ports| matches!(p, Ports::Some(_));
-            flags |= match access.tcp {
-                Ports::All => TCP_ALL_PORTS,
-                Ports::Some(_) => TCP_SOME_PORTS,
-                Ports::Nothing => 0,
-            };
-            flags |= match access.udp {
-                Ports::All => UDP_ALL_PORTS,
-                Ports::Some(_) => UDP_SOME_PORTS,
-                Ports::Nothing => 0,
-            };
-            let port_set = if some(&access.tcp) || some(&access.udp) {
+            let port_set = if access.needs_port_set() {
                 let next = sets.len() as u32;
                 *sets.entry(access).or_insert_with(|| {
-                    for (proto, ports) in [(PROTO_TCP, &access.tcp), (PROTO_UDP, &access.udp)] {
-                        if let Ports::Some(ranges) = ports {
-                            out.port_blocks
-                                .extend(port_blocks(policy_id, next, proto, ranges));
-                        }
-                    }
+                    out.port_blocks.extend(access.port_blocks(policy_id, next));
                     next
                 })
             } else {
                 0
             };
-            let value = RuleValue { port_set, flags };
+            let value = RuleValue {
+                port_set,
+                flags: access.flags(),
+            };
             let plen = u32::from(net.prefix_len()) + 32;
             match net {
                 IpNet::V4(n) => out.v4.push((

@@ -8,7 +8,8 @@ use std::{
 };
 
 use agentd_ebpf::{
-    AgentCounters, AgentEntry, PortBlock, PortBlockKey, Rule4Key, Rule6Key, RuleValue, map_names,
+    AgentCounters, AgentEntry, LearnedKey, LearnedValue, PortBlock, PortBlockKey, ResolverPorts,
+    Rule4Key, Rule6Key, RuleValue, SteeredDst, map_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -33,42 +34,74 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ag
 pub struct Hook {
     pub program: &'static str,
     pub attach_type: u32,
+    /// The program reads its agent from the identity map (cgroup local
+    /// storage), which must be written for this attach type.
+    pub identity: bool,
 }
 
 /// Every hook agentd attaches to each agent cgroup.
-pub const HOOKS: [Hook; 7] = [
+pub const HOOKS: [Hook; 11] = [
     Hook {
         program: "agentd_connect4",
         attach_type: 10, // BPF_CGROUP_INET4_CONNECT
+        identity: true,
     },
     Hook {
         program: "agentd_connect6",
         attach_type: 11, // BPF_CGROUP_INET6_CONNECT
+        identity: true,
     },
     Hook {
         program: "agentd_sendmsg4",
         attach_type: 14, // BPF_CGROUP_UDP4_SENDMSG
+        identity: true,
     },
     Hook {
         program: "agentd_sendmsg6",
         attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
+        identity: true,
     },
     Hook {
         program: "agentd_sock_create",
         attach_type: 2, // BPF_CGROUP_INET_SOCK_CREATE
+        identity: true,
     },
     Hook {
         program: "agentd_ingress",
         attach_type: 0, // BPF_CGROUP_INET_INGRESS
+        identity: true,
     },
     Hook {
         program: "agentd_egress",
         attach_type: 1, // BPF_CGROUP_INET_EGRESS
+        identity: true,
+    },
+    // DNS steering's second half: show replies and peers as the server the
+    // agent asked. These go by socket cookie, not by agent.
+    Hook {
+        program: "agentd_recvmsg4",
+        attach_type: 19, // BPF_CGROUP_UDP4_RECVMSG
+        identity: false,
+    },
+    Hook {
+        program: "agentd_recvmsg6",
+        attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
+        identity: false,
+    },
+    Hook {
+        program: "agentd_getpeername4",
+        attach_type: 29, // BPF_CGROUP_INET4_GETPEERNAME
+        identity: false,
+    },
+    Hook {
+        program: "agentd_getpeername6",
+        attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
+        identity: false,
     },
 ];
 
 /// Expected (key size, value size) of each pinned map.
-fn expected_layouts() -> [(&'static str, usize, usize); 7] {
+fn expected_layouts() -> [(&'static str, usize, usize); 10] {
     use std::mem::size_of;
     [
         (map_names::AGENTS, size_of::<u64>(), size_of::<AgentEntry>()),
@@ -95,6 +128,21 @@ fn expected_layouts() -> [(&'static str, usize, usize); 7] {
         (map_names::EVENTS, 0, 0),
         // struct bpf_cgroup_storage_key { u64 cgroup_inode_id; u32 attach_type; } -> 16
         (map_names::IDENTITY, 16, size_of::<u64>()),
+        (
+            map_names::LEARNED,
+            size_of::<LearnedKey>(),
+            size_of::<LearnedValue>(),
+        ),
+        (
+            map_names::RESOLVERS,
+            size_of::<u32>(),
+            size_of::<ResolverPorts>(),
+        ),
+        (
+            map_names::STEERED,
+            size_of::<u64>(),
+            size_of::<SteeredDst>(),
+        ),
     ]
 }
 

@@ -10,7 +10,7 @@
 //! be reading them.
 use std::{
     collections::HashSet,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -56,7 +56,7 @@ pub struct Contained {
 }
 
 /// Re-reads the config and applies it; the outcome is logged and on record.
-pub fn reload(state: &State) -> Result<ReloadReport> {
+pub fn reload(state: &Arc<State>) -> Result<ReloadReport> {
     let started = Instant::now();
     // Reloads never overlap, and reload alone attaches programs.
     let mut ebpf = state.ebpf.lock().unwrap_or_else(|p| p.into_inner());
@@ -69,6 +69,11 @@ pub fn reload(state: &State) -> Result<ReloadReport> {
         // New bound agents: watch for their cgroups, arm the ones present.
         crate::bound::remember(state);
         crate::bound::check(state);
+        // Resolver sockets for agents that gained hostname rules; steering
+        // removed from those that lost them.
+        if let Err(e) = crate::dns::sync(state) {
+            tracing::error!(error = %e, "updating agents' resolvers after reload failed; their DNS is refused until the next reload");
+        }
     }
     state.metrics.reload(result.is_ok());
     match &result {
@@ -139,7 +144,11 @@ fn plan<'a>(
     for agent in &new.agents {
         match old.agent(&agent.name) {
             None => p.added.push(agent),
-            Some(was) if was.allow != agent.allow || was.mode != agent.mode => {
+            Some(was)
+                if was.allow != agent.allow
+                    || was.hosts != agent.hosts
+                    || was.mode != agent.mode =>
+            {
                 let id = state.next_policy.fetch_add(1, Ordering::Relaxed);
                 p.switched.push((agent, id));
             }
@@ -192,16 +201,28 @@ fn apply(
     let plan = plan(old, &new, &running, state)?;
     let bpffs_dir = old.daemon.bpffs_dir.clone();
 
-    // 1. New generations for changed agents, beside the live ones. Nothing
+    // Held to the end: the resolver cannot learn into a generation being
+    // replaced (what it learned is carried into the new one below).
+    let mut learned = state.dns.learned();
+
+    // 1. New generations for changed agents, beside the live ones, with the
+    // addresses they learned re-judged by their new hostname rules. Nothing
     // points at them yet; on failure they are collected as garbage.
     let written: Vec<(&Agent, u32)> = plan.switched.clone();
+    let mut staged = Vec::with_capacity(written.len());
     {
         let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
         for (agent, policy_id) in &written {
             let compiled = CompiledPolicy::compile(&agent.allow);
-            if let Err(e) = maps.write_generation(&compiled.entries(*policy_id)) {
-                collect_unused(&mut maps);
-                return Err(e);
+            let written = maps
+                .write_generation(&compiled.entries(*policy_id))
+                .and_then(|()| learned.stage(&mut maps, &agent.name, *policy_id, &agent.hosts));
+            match written {
+                Ok(s) => staged.push((agent.name.clone(), s)),
+                Err(e) => {
+                    collect_unused(&mut maps);
+                    return Err(e);
+                }
             }
         }
     }
@@ -301,6 +322,13 @@ fn apply(
     }
     *agents = next;
     drop(agents);
+    for (name, s) in staged {
+        learned.commit(&name, s);
+    }
+    for r in &plan.removed {
+        learned.forget(&r.name);
+    }
+    drop(learned);
     report.added = plan.added.iter().map(|a| a.name.clone()).collect();
     report.changed = written.iter().map(|(a, _)| a.name.clone()).collect();
     report.updated = plan.updated.iter().map(|a| a.name.clone()).collect();

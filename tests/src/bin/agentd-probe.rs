@@ -26,6 +26,12 @@
 //!   id                       uid and gid
 //!   escape CGROUP_DIR        try to move itself into CGROUP_DIR
 //!   child OP ARGS...         run `once OP ARGS...` in a child process and relay its line
+//!   dns SERVER NAME TYPE HOW one DNS query (HOW: udp, udp-unconnected, tcp): the answer,
+//!                            the reply's source and the socket's peer
+//!   resolve NAME             getaddrinfo (glibc's resolver, as any program uses it)
+//!   resolve-tcp NAME PORT    getaddrinfo, then at once connect to the first address
+//!   ns RESOLV NSSWITCH OP..  OP in a private mount namespace whose /etc/resolv.conf and
+//!                            /etc/nsswitch.conf are the given files
 use std::{
     io::{BufRead as _, Write as _},
     mem::{size_of, zeroed},
@@ -437,8 +443,96 @@ fn op(args: &[String]) -> Value {
                 Err(e) => fail(e),
             }
         }
+        "dns" => {
+            let server = match parse(arg(0)) {
+                Ok(a) => a,
+                Err(v) => return v,
+            };
+            agentd_tests::dns::query(server, arg(1), arg(2), arg(3))
+        }
+        "resolve" => match getaddrinfo(arg(0)) {
+            Ok(addrs) => json!({"ok": true, "addrs": addrs}),
+            Err(e) => json!({"ok": false, "errno": -1, "error": e}),
+        },
+        "resolve-tcp" => {
+            let addrs = match getaddrinfo(arg(0)) {
+                Ok(a) => a,
+                Err(e) => return json!({"ok": false, "errno": -1, "error": e}),
+            };
+            let port: u16 = arg(1).parse().unwrap_or(0);
+            let Some(ip) = addrs
+                .first()
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            else {
+                return json!({"ok": false, "errno": -1, "error": "no address"});
+            };
+            let addr = SocketAddr::new(ip, port);
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(mut s) => {
+                    let _ = s.write_all(b"probe");
+                    json!({"ok": true, "addr": addr.to_string()})
+                }
+                Err(e) => {
+                    let mut v = fail(e);
+                    v["addr"] = json!(addr.to_string());
+                    v
+                }
+            }
+        }
+        "ns" => match private_resolver_files(arg(0), arg(1)) {
+            Ok(()) => op(&rest[2..]),
+            Err(e) => fail(e),
+        },
         other => json!({"ok": false, "errno": -1, "error": format!("unknown operation {other}")}),
     }
+}
+
+/// glibc's getaddrinfo, through std (the path every program's name lookups
+/// take): the addresses, or the resolver's error.
+fn getaddrinfo(name: &str) -> Result<Vec<String>, String> {
+    use std::net::ToSocketAddrs as _;
+    (name, 0u16)
+        .to_socket_addrs()
+        .map(|it| it.map(|a| a.ip().to_string()).collect())
+        .map_err(|e| e.to_string())
+}
+
+/// A private mount namespace where /etc/resolv.conf and /etc/nsswitch.conf
+/// are the test's files: the machine's own resolver is never asked.
+fn private_resolver_files(resolv: &str, nsswitch: &str) -> std::io::Result<()> {
+    use std::ffi::CString;
+    let check = |rc: i32| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let c = |s: &str| CString::new(s).map_err(std::io::Error::other);
+    // SAFETY: plain syscalls with valid NUL-terminated strings.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c("/")?.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        for (file, target) in [
+            (resolv, "/etc/resolv.conf"),
+            (nsswitch, "/etc/nsswitch.conf"),
+        ] {
+            check(libc::mount(
+                c(file)?.as_ptr(),
+                c(target)?.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 fn main() {
