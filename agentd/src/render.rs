@@ -185,6 +185,13 @@ pub fn status(s: &StatusReply) -> String {
     for r in &s.rules {
         let _ = writeln!(out, "  {:<44} line {}", r.rule, r.line);
     }
+    if s.rules.iter().any(|r| r.rule.starts_with("host ")) {
+        let _ = writeln!(
+            out,
+            "  ({} address(es) learned from allowed names, allowed until their TTL runs out)",
+            s.learned_addresses
+        );
+    }
     let _ = writeln!(out, "\nprocesses ({}):", s.processes_total);
     for p in &s.processes {
         let _ = writeln!(

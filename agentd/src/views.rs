@@ -42,7 +42,7 @@ pub fn list(state: &State) -> Result<ListReply> {
             processes: cgroup::processes(&a.cgroup_dir)
                 .map(|p| p.len())
                 .unwrap_or(0),
-            rules: a.rules.len(),
+            rules: a.rules.len() + a.hosts.rules.len(),
             enforcing: entry.is_some(),
             killed: entry.is_some_and(|e| e.flags & AGENT_KILLED != 0),
             kill: kills.killed.get(&a.name).cloned(),
@@ -149,14 +149,18 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
         processes_total: pids.len(),
         processes,
         sessions,
-        rules: a
-            .rules
-            .iter()
-            .map(|r| RuleInfo {
-                rule: r.describe(),
-                line: r.line,
-            })
-            .collect(),
+        rules: {
+            let mut rules: Vec<RuleInfo> = a
+                .rules
+                .iter()
+                .map(|r| (r.describe(), r.line))
+                .chain(a.hosts.rules.iter().map(|r| (r.describe(), r.line)))
+                .map(|(rule, line)| RuleInfo { rule, line })
+                .collect();
+            rules.sort_by_key(|r| r.line);
+            rules
+        },
+        learned_addresses: state.dns.learned().count(&a.name),
         counts,
         recent_denied,
     })

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// What a name an agent may not resolve gets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Refusal {
     /// "No such name": stub resolvers stop there.
@@ -57,7 +57,7 @@ pub(super) struct RawDns {
     #[serde(default)]
     upstream: Vec<Spanned<String>>,
     #[serde(default)]
-    refuse_with: Refusal,
+    refuse_with: Option<Spanned<String>>,
     #[serde(default)]
     min_ttl: Option<Spanned<String>>,
     #[serde(default)]
@@ -134,9 +134,23 @@ pub(super) fn validate_dns(raw: RawDns, section: Range<usize>) -> Result<DnsConf
             ),
         ));
     }
+    let refuse_with = match &raw.refuse_with {
+        None => defaults.refuse_with,
+        Some(s) => match s.get_ref().as_str() {
+            "nxdomain" => Refusal::Nxdomain,
+            "refused" => Refusal::Refused,
+            other => {
+                return Err((
+                    s.span(),
+                    "dns.refuse_with".into(),
+                    format!("{other:?}: expected \"nxdomain\" or \"refused\""),
+                ));
+            }
+        },
+    };
     Ok(DnsConfig {
         upstream,
-        refuse_with: raw.refuse_with,
+        refuse_with,
         min_ttl,
         max_ttl,
     })

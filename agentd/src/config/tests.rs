@@ -249,3 +249,115 @@ fn bound_cgroups_are_checked_and_named_in_errors() {
     assert_eq!((e.line, e.key.as_str()), (9, "agent[1].cgroup"));
     assert!(e.message.contains("already bound"), "{e}");
 }
+
+#[test]
+fn hostname_rules_and_dns_section_from_the_issue() {
+    let c = parse(
+        r#"
+[dns]
+upstream = ["127.0.0.53:53", "::1"]
+refuse_with = "refused"
+min_ttl = "5s"
+max_ttl = "1h"
+
+[[agent]]
+name = "crm-hygiene"
+owner = "o"
+allow = [
+  { host = "acme.my.salesforce.com", ports = [443] },
+  { host = "*.ERP.example.com.", ports = [443, 8443], protocol = "tcp" },
+  { cidr = "10.0.0.0/8" },
+]
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.dns.upstream,
+        vec![
+            "127.0.0.53:53".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    assert_eq!(c.dns.refuse_with, Refusal::Refused);
+    assert_eq!(c.dns.min_ttl, std::time::Duration::from_secs(5));
+    assert_eq!(c.dns.max_ttl, std::time::Duration::from_secs(3600));
+    let a = &c.agents[0];
+    assert_eq!(a.allow.len(), 1, "cidr rules stay apart");
+    assert_eq!(a.hosts.len(), 2);
+    assert_eq!(a.hosts[0].host.to_string(), "acme.my.salesforce.com");
+    assert_eq!(a.hosts[1].host.to_string(), "*.erp.example.com");
+    assert_eq!(a.hosts[1].protocol, Protocol::Tcp);
+    assert_eq!(a.hosts[1].line, 13);
+    assert_eq!(a.hosts[1].describe(), "host *.erp.example.com tcp 443,8443");
+
+    let d = parse("").unwrap().dns;
+    assert_eq!(d, DnsConfig::default());
+    assert!(d.upstream.is_empty(), "default: resolv.conf, read at start");
+}
+
+#[test]
+fn bad_hostname_rules_and_dns_keys_name_line_and_key() {
+    let agent =
+        |rule: &str| format!("[[agent]]\nname = \"a\"\nowner = \"o\"\nallow = [\n  {rule},\n]\n");
+    for (text, line, key, want) in [
+        (
+            agent(r#"{ host = "10.0.0.1" }"#),
+            5,
+            "agent[0].allow[0].host",
+            "use `cidr",
+        ),
+        (
+            agent(r#"{ host = "*.com" }"#),
+            5,
+            "agent[0].allow[0].host",
+            "top-level",
+        ),
+        (
+            agent(r#"{ host = "a.test", cidr = "10.0.0.0/8" }"#),
+            5,
+            "agent[0].allow[0].host",
+            "not both",
+        ),
+        (
+            agent(r#"{ ports = [443] }"#),
+            5,
+            "agent[0].allow[0]",
+            "needs `cidr`",
+        ),
+        (
+            "[dns]\nupstream = [\"resolver.local\"]\n".to_owned(),
+            2,
+            "dns.upstream[0]",
+            "not a server address",
+        ),
+        (
+            "[dns]\nmin_ttl = \"soon\"\n".to_owned(),
+            2,
+            "dns.min_ttl",
+            "not a duration",
+        ),
+        (
+            "[dns]\nmin_ttl = \"2h\"\nmax_ttl = \"1h\"\n".to_owned(),
+            3,
+            "dns.max_ttl",
+            "below min_ttl",
+        ),
+        (
+            "[dns]\nrefuse_with = \"drop\"\n".to_owned(),
+            2,
+            "dns.refuse_with",
+            "expected \"nxdomain\" or \"refused\"",
+        ),
+        (
+            "[dns]\nresolver = \"x\"\n".to_owned(),
+            2,
+            "resolver",
+            "unknown field",
+        ),
+    ] {
+        let e = err(&text);
+        assert_eq!(e.line, line, "{text}: {e}");
+        assert_eq!(e.key, key, "{text}: {e}");
+        assert!(e.message.contains(want), "{text}: {e}");
+    }
+}

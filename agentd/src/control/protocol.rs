@@ -149,6 +149,10 @@ pub struct StatusReply {
     pub processes_total: usize,
     pub sessions: Vec<SessionInfo>,
     pub rules: Vec<RuleInfo>,
+    /// Addresses agentd's resolver has answered for the agent's hostname
+    /// rules and that are allowed now.
+    #[serde(default)]
+    pub learned_addresses: usize,
     pub counts: Counts,
     /// The latest denied attempts from the audit log, oldest first, as
     /// `agentd events` prints them.
