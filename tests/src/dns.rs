@@ -177,7 +177,9 @@ fn write_framed(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(&out)
 }
 
-fn query_bytes(name: &str, qtype: RecordType) -> Vec<u8> {
+/// A recursive query for `name` (`qtype`: A, AAAA or TXT), encoded.
+pub fn query_bytes(name: &str, qtype: &str) -> Vec<u8> {
+    let qtype = record_type(qtype);
     let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(
@@ -185,6 +187,14 @@ fn query_bytes(name: &str, qtype: RecordType) -> Vec<u8> {
         qtype,
     ));
     m.to_vec().expect("encode query")
+}
+
+fn record_type(qtype: &str) -> RecordType {
+    match qtype {
+        "AAAA" => RecordType::AAAA,
+        "TXT" => RecordType::TXT,
+        _ => RecordType::A,
+    }
 }
 
 fn describe(reply: &[u8]) -> Value {
@@ -220,11 +230,6 @@ fn failed(e: std::io::Error) -> Value {
 /// glibc), `udp-unconnected` (sendto/recvfrom) or `tcp`. Reports the answer,
 /// the reply's source address and the socket's peer.
 pub fn query(server: SocketAddr, name: &str, qtype: &str, how: &str) -> Value {
-    let qtype = match qtype {
-        "AAAA" => RecordType::AAAA,
-        "TXT" => RecordType::TXT,
-        _ => RecordType::A,
-    };
     let bytes = query_bytes(name, qtype);
     let local: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()

@@ -10,15 +10,18 @@ pub enum Which {
     Connect,
     /// kill/restore of an agent holding 10 000 connections.
     Kill,
+    /// DNS query latency through agentd's resolver vs straight to the upstream.
+    Dns,
 }
 
 pub fn run(which: Which, agentd: &Path) -> anyhow::Result<()> {
     let arg = match which {
         Which::Connect => "connect",
         Which::Kill => "kill",
+        Which::Dns => "dns",
     };
     match which {
-        Which::Connect | Which::Kill => {
+        Which::Connect | Which::Kill | Which::Dns => {
             let status = std::process::Command::new("cargo")
                 .args([
                     "run",

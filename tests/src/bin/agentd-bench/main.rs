@@ -21,6 +21,7 @@ use std::{
 
 use agentd_tests::TestEnv;
 
+mod dns_bench;
 mod kill_bench;
 
 const ROUNDS: usize = 15;
@@ -34,6 +35,8 @@ fn main() {
         Some("worker") => worker(&args[1], args[2].parse().expect("count")),
         Some("kill") => kill_bench::run(),
         Some("kill-agent") => kill_bench::agent(&args[1], &args[2]),
+        Some("dns") => dns_bench::run(),
+        Some("dns-worker") => dns_bench::worker(&args[1], args[2].parse().expect("count")),
         _ => {
             eprintln!("usage: agentd-bench connect");
             std::process::exit(2);
