@@ -157,6 +157,10 @@ pub struct SteeredDst {
     pub port: u32,
     /// The resolver port it was steered to, as written to `user_port`.
     pub resolver_port: u32,
+    /// 1: `ip[0]` is an IPv4 address as an IPv4 hook saw it (an IPv6 socket
+    /// sending to a mapped address runs the IPv4 sendmsg hook), 0: `ip` is
+    /// as an IPv6 hook saw it.
+    pub v4: u32,
 }
 
 /// Protocol numbers as the kernel reports them.
@@ -288,5 +292,5 @@ const _: () = {
     assert!(core::mem::size_of::<LearnedKey>() == 24);
     assert!(core::mem::size_of::<LearnedValue>() == 16);
     assert!(core::mem::size_of::<ResolverPorts>() == 8);
-    assert!(core::mem::size_of::<SteeredDst>() == 24);
+    assert!(core::mem::size_of::<SteeredDst>() == 28);
 };

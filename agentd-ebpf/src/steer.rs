@@ -39,12 +39,24 @@ const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Recvmsg and getpeername programs must return 1 (they cannot refuse).
 const PASS: i32 = 1;
 
-/// The resolver port (host byte order) this connect or send goes to instead,
-/// if it is DNS from an agent whose DNS agentd answers. A killed agent's
-/// DNS is not steered: it is judged, and denied, like everything else.
+/// What to do with a connect or send.
+enum Steer {
+    /// DNS from an agent whose DNS agentd answers: to this resolver port
+    /// (host byte order).
+    To(u16),
+    /// Already addressed to the agent's own resolver (an IPv6 socket
+    /// connected to a steered mapped server sends through the IPv4 hook with
+    /// the rewritten address): let it through as it is.
+    Through,
+}
+
+/// Whether this connect or send is the agent's DNS. A killed agent's DNS is
+/// not steered: it is judged, and denied, like everything else.
+/// `to_loopback`: the destination is the resolver's own address.
 #[inline(always)]
-fn resolver_port(user_port: u32, proto: u32, v6: bool) -> Option<u16> {
-    if u16::from_be(user_port as u16) != DNS_PORT {
+fn steer(user_port: u32, proto: u32, v6: bool, to_loopback: bool) -> Option<Steer> {
+    let port = u16::from_be(user_port as u16);
+    if port != DNS_PORT && !to_loopback {
         return None;
     }
     let tcp = proto == u32::from(PROTO_TCP);
@@ -57,13 +69,21 @@ fn resolver_port(user_port: u32, proto: u32, v6: bool) -> Option<u16> {
         return None;
     }
     let ports = RESOLVERS.get(agent.agent_id)?;
-    let port = match (v6, tcp) {
+    let resolver = match (v6, tcp) {
         (false, false) => ports.udp4,
         (false, true) => ports.tcp4,
         (true, false) => ports.udp6,
         (true, true) => ports.tcp6,
     };
-    (port != 0).then_some(port)
+    if resolver == 0 {
+        None
+    } else if to_loopback && port == resolver {
+        Some(Steer::Through)
+    } else if port == DNS_PORT {
+        Some(Steer::To(resolver))
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -75,11 +95,18 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// Remembers where the socket meant to go. Without this the reply could not
 /// be made to look like it came from there, so failing to remember denies.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, ip: [u32; 4], user_port: u32, resolver_port: u32) -> bool {
+fn remember(
+    ctx: &SockAddrContext,
+    ip: [u32; 4],
+    user_port: u32,
+    resolver_port: u32,
+    v4: bool,
+) -> bool {
     let dst = SteeredDst {
         ip,
         port: user_port,
         resolver_port,
+        v4: u32::from(v4),
     };
     STEERED.insert(&cookie(ctx), &dst, 0).is_ok()
 }
@@ -90,9 +117,12 @@ pub fn steer4(ctx: &SockAddrContext) -> Option<i32> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid bpf_sock_addr for this hook.
     let (ip, user_port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
-    let port = resolver_port(user_port, proto, false)?;
+    let port = match steer(user_port, proto, false, ip == LOOPBACK4)? {
+        Steer::To(port) => port,
+        Steer::Through => return Some(ALLOW),
+    };
     let raw_port = u32::from(port.to_be());
-    if !remember(ctx, [ip, 0, 0, 0], user_port, raw_port) {
+    if !remember(ctx, [ip, 0, 0, 0], user_port, raw_port, true) {
         return Some(DENY);
     }
     // SAFETY: connect4/sendmsg4 may rewrite the destination.
@@ -122,9 +152,13 @@ pub fn steer6(ctx: &SockAddrContext) -> Option<i32> {
         )
     };
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED;
-    let port = resolver_port(user_port, proto, !mapped)?;
+    let to_loopback = ip == LOOPBACK6 || (mapped && ip[3] == LOOPBACK4);
+    let port = match steer(user_port, proto, !mapped, to_loopback)? {
+        Steer::To(port) => port,
+        Steer::Through => return Some(ALLOW),
+    };
     let raw_port = u32::from(port.to_be());
-    if !remember(ctx, ip, user_port, raw_port) {
+    if !remember(ctx, ip, user_port, raw_port, false) {
         return Some(DENY);
     }
     let to = if mapped {
@@ -163,6 +197,7 @@ fn restore4(ctx: &SockAddrContext) {
         return;
     }
     if let Some(dst) = original(ctx, user_port) {
+        // An IPv4 socket is only ever steered by the IPv4 hooks.
         // SAFETY: recvmsg4/getpeername4 may rewrite the address.
         unsafe {
             (*sa).user_ip4 = dst.ip[0];
@@ -191,12 +226,19 @@ fn restore6(ctx: &SockAddrContext) {
         return;
     }
     if let Some(dst) = original(ctx, user_port) {
+        // Steered by the IPv4 sendmsg hook (an IPv6 socket sending to a
+        // mapped server): show the server in its mapped form.
+        let ip = if dst.v4 != 0 {
+            [0, 0, MAPPED, dst.ip[0]]
+        } else {
+            dst.ip
+        };
         // SAFETY: recvmsg6/getpeername6 may rewrite the address.
         unsafe {
-            (*sa).user_ip6[0] = dst.ip[0];
-            (*sa).user_ip6[1] = dst.ip[1];
-            (*sa).user_ip6[2] = dst.ip[2];
-            (*sa).user_ip6[3] = dst.ip[3];
+            (*sa).user_ip6[0] = ip[0];
+            (*sa).user_ip6[1] = ip[1];
+            (*sa).user_ip6[2] = ip[2];
+            (*sa).user_ip6[3] = ip[3];
             (*sa).user_port = dst.port;
         }
     }

@@ -223,6 +223,10 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&socket);
+    // Nothing will answer on the resolver ports once we are gone, and
+    // another local process could take them: agents' DNS is judged by
+    // their rules again (denied unless allowed) until the next start.
+    crate::dns::stop(&state);
     state.audit.record_now(
         "daemon_stop",
         serde_json::json!({"pid": std::process::id(), "enforcement": "kept (pinned)"}),

@@ -156,6 +156,16 @@ pub fn sync(state: &Arc<State>) -> Result<()> {
                 maps.set_resolver(l.agent_id, ResolverPorts::default())?;
             }
         }
+        // The map is pinned: entries a previous daemon wrote (for agents
+        // since changed, removed or contained) would steer DNS to a port
+        // nobody here serves. Every agent id in the kernel that is not
+        // served now gets no steering.
+        let served: Vec<u32> = wanted.iter().map(|(_, id)| *id).collect();
+        for entry in maps.agents()?.values() {
+            if !served.contains(&entry.agent_id) {
+                maps.set_resolver(entry.agent_id, ResolverPorts::default())?;
+            }
+        }
     }
     // After the maps lock is released: the learned lock comes first.
     for name in gone.iter().filter(|g| !wanted.iter().any(|(n, _)| n == *g)) {
@@ -174,6 +184,21 @@ pub fn sync(state: &Arc<State>) -> Result<()> {
             .set_resolver(agent_id, ports)?;
     }
     Ok(())
+}
+
+/// Stops steering every agent's DNS to this daemon (it is stopping).
+pub fn stop(state: &State) {
+    let mut listeners = state
+        .dns
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, l) in listeners.drain() {
+        if let Err(e) = maps.set_resolver(l.agent_id, ResolverPorts::default()) {
+            tracing::warn!(agent = %name, error = %e, "could not stop steering the agent's DNS");
+        }
+    }
 }
 
 /// Binds the agent's sockets on 127.0.0.1 and ::1 (ephemeral ports) and

@@ -228,7 +228,9 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
         ));
         let procs = crate::cgroup::processes(&a.cgroup_dir).map_or(0, |p| p.len());
         processes.with_label_values(&[name]).set(procs as i64);
-        rules.with_label_values(&[name]).set(a.rules.len() as i64);
+        rules
+            .with_label_values(&[name])
+            .set((a.rules.len() + a.hosts.rules.len()) as i64);
         let ok = entry.is_some()
             && a.cgroup_id != 0
             && crate::cgroup::cgroup_id(&a.cgroup_dir).is_ok_and(|id| id == a.cgroup_id)

@@ -436,3 +436,38 @@ fn reload_that_drops_a_hostname_rule_revokes_what_it_taught() {
     let v = env.probe("erp", &["dns", STUB, "crm.test", "A", "udp"]);
     assert_eq!(v["rcode"], NXDOMAIN, "{v}");
 }
+
+#[test]
+fn ipv6_and_ipv4_mapped_servers_are_steered_too() {
+    if !require_root("ipv6_and_ipv4_mapped_servers_are_steered_too") {
+        return;
+    }
+    let sink = TcpSink::bind("[::1]:0");
+    let upstream = DnsServer::start("127.0.0.1", &[("v6.test", 300, "::1")]);
+    let mut env = TestEnv::new("dns_v6");
+    env.write_config(&format!(
+        r#"[dns]
+upstream = ["{}"]
+
+[[agent]]
+name = "erp"
+owner = "test@example.com"
+allow = [ {{ host = "v6.test", ports = [{}], protocol = "tcp" }} ]
+"#,
+        upstream.addr,
+        sink.port()
+    ));
+    env.start_daemon();
+
+    assert_eperm(&env.probe("erp", &["tcp", &sink.addr.to_string()]));
+    for server in ["[::1]:53", "[::ffff:127.0.0.153]:53"] {
+        for how in ["udp", "udp-unconnected", "tcp"] {
+            let v = env.probe("erp", &["dns", server, "v6.test", "AAAA", how]);
+            assert_eq!(answers(&v), vec!["::1"], "{server} {how}: {v}");
+            let seen = if how == "tcp" { &v["peer"] } else { &v["from"] };
+            assert_eq!(seen, server, "{server} {how}: {v}");
+        }
+    }
+    assert_ok(&env.probe("erp", &["tcp", &sink.addr.to_string()]));
+    assert_eq!(sink.accepted(QUIET), vec![b"probe".to_vec()]);
+}
