@@ -271,20 +271,28 @@ fn drop_packet(slot: u32) -> i32 {
     DENY
 }
 
+/// The destination, port and protocol of an IPv6 socket-address hook.
 #[inline(always)]
-fn read_v6(sa: *mut bpf_sock_addr) -> (Dst, u32, u32) {
+pub(crate) fn read_user_ip6(sa: *mut bpf_sock_addr) -> ([u32; 4], u32, u32) {
     // SAFETY: valid context pointer. user_ip6 must be read as four separate
     // u32 loads (the verifier rejects wider or narrower accesses).
-    let (a, b, c, d, port, proto) = unsafe {
+    unsafe {
         (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
             (*sa).user_port,
             (*sa).protocol,
         )
-    };
+    }
+}
+
+#[inline(always)]
+fn read_v6(sa: *mut bpf_sock_addr) -> (Dst, u32, u32) {
+    let ([a, b, c, d], port, proto) = read_user_ip6(sa);
     // ::ffff:a.b.c.d is an IPv4 destination and is judged by the IPv4 rules.
     if a == 0 && b == 0 && c == u32::from_be(0x0000_ffff) {
         (Dst::V4(d), port, proto)

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::programs::{AGENTS, ALLOW, DENY, agent_cgroup};
+use crate::programs::{AGENTS, ALLOW, DENY, agent_cgroup, read_user_ip6};
 
 #[map(name = "AGENTD_RESOLVERS")]
 static RESOLVERS: Array<ResolverPorts> = Array::pinned(MAX_AGENTS, 0);
@@ -138,19 +138,7 @@ pub fn steer4(ctx: &SockAddrContext) -> Option<i32> {
 #[inline(always)]
 pub fn steer6(ctx: &SockAddrContext) -> Option<i32> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: as above; user_ip6 is read as four u32 loads.
-    let (ip, user_port, proto) = unsafe {
-        (
-            [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
-            ],
-            (*sa).user_port,
-            (*sa).protocol,
-        )
-    };
+    let (ip, user_port, proto) = read_user_ip6(sa);
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED;
     let to_loopback = ip == LOOPBACK6 || (mapped && ip[3] == LOOPBACK4);
     let port = match steer(user_port, proto, !mapped, to_loopback)? {
@@ -209,18 +197,7 @@ fn restore4(ctx: &SockAddrContext) {
 #[inline(always)]
 fn restore6(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: valid context; four u32 loads.
-    let (ip, user_port) = unsafe {
-        (
-            [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
-            ],
-            (*sa).user_port,
-        )
-    };
+    let (ip, user_port, _) = read_user_ip6(sa);
     let from_resolver = ip == LOOPBACK6 || ip == [0, 0, MAPPED, LOOPBACK4];
     if !from_resolver {
         return;

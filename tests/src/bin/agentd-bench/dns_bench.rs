@@ -10,10 +10,8 @@
 //! rotating order; p50 and p99 over all queries of each variant.
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, UdpSocket},
     path::Path,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -98,26 +96,8 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 
 /// `count` queries from a worker process inside `cgroup`; µs each.
 fn round(cgroup: &Path, server: &str, count: usize) -> Vec<f64> {
-    let mut child = Command::new(std::env::current_exe().expect("self"))
-        .args(["dns-worker", server, &count.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn worker");
-    // Join the cgroup before the worker creates any socket.
-    fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).expect("join cgroup");
-    writeln!(child.stdin.as_mut().unwrap(), "go").expect("go");
-    let mut out = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut out)
-        .expect("result");
-    let status = child.wait().expect("wait");
-    assert!(
-        status.success(),
-        "dns worker failed in {}",
-        cgroup.display()
-    );
-    out.split_whitespace()
+    super::worker_in(cgroup, &["dns-worker", server, &count.to_string()])
+        .split_whitespace()
         .map(|t| t.parse().expect("µs"))
         .collect()
 }

@@ -92,8 +92,20 @@ fn num_cpus() -> usize {
 
 /// One worker round inside `cgroup`.
 fn round(cgroup: &Path, addr: SocketAddr) -> f64 {
+    worker_in(
+        cgroup,
+        &["worker", &addr.to_string(), &CONNECTS_PER_ROUND.to_string()],
+    )
+    .trim()
+    .parse()
+    .expect("ns per connect")
+}
+
+/// Runs this binary with `args` as a worker inside `cgroup` (joined before
+/// it creates any socket), tells it to go, and returns its one output line.
+fn worker_in(cgroup: &Path, args: &[&str]) -> String {
     let mut child = Command::new(std::env::current_exe().expect("self"))
-        .args(["worker", &addr.to_string(), &CONNECTS_PER_ROUND.to_string()])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -106,8 +118,12 @@ fn round(cgroup: &Path, addr: SocketAddr) -> f64 {
         .read_line(&mut out)
         .expect("result");
     let status = child.wait().expect("wait");
-    assert!(status.success(), "worker failed in {}", cgroup.display());
-    out.trim().parse().expect("ns per connect")
+    assert!(
+        status.success(),
+        "worker {args:?} failed in {}",
+        cgroup.display()
+    );
+    out
 }
 
 /// Mean run time of the connect4 program per call while each agent's worker
