@@ -235,3 +235,60 @@ pub fn clamp_ttls(reply: &mut Message, max: u32) {
         r.ttl = r.ttl.min(max);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::{
+        op::OpCode,
+        rr::{
+            Record,
+            rdata::{A, AAAA, CNAME},
+        },
+    };
+
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    #[test]
+    fn addresses_follow_the_cname_chain_and_nothing_else() {
+        let mut m = Message::response(1, OpCode::Query);
+        let rec = |n: &str, ttl, data| Record::from_rdata(name(n), ttl, data);
+        m.answers = vec![
+            rec(
+                "CRM.example.com.",
+                60,
+                RData::CNAME(CNAME(name("edge.cdn.test."))),
+            ),
+            rec("edge.cdn.test.", 30, RData::A(A([192, 0, 2, 1].into()))),
+            rec(
+                "edge.cdn.test.",
+                30,
+                RData::AAAA(AAAA("2001:db8::1".parse().unwrap())),
+            ),
+            // Not on the chain: an answer may not smuggle in other names.
+            rec("evil.test.", 30, RData::A(A([203, 0, 113, 9].into()))),
+            // A loop back to the start ends the walk.
+            rec(
+                "edge.cdn.test.",
+                30,
+                RData::CNAME(CNAME(name("crm.example.com."))),
+            ),
+        ];
+        let got = addresses(&m, &name("crm.example.com."));
+        assert_eq!(
+            got,
+            vec![
+                ("192.0.2.1".parse().unwrap(), 30),
+                ("2001:db8::1".parse().unwrap(), 30)
+            ]
+        );
+        assert!(addresses(&m, &name("other.test.")).is_empty());
+
+        clamp_ttls(&mut m, 45);
+        assert!(m.answers.iter().all(|r| r.ttl <= 45));
+        assert_eq!(m.answers[1].ttl, 30, "shorter TTLs are kept");
+    }
+}
