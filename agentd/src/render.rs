@@ -252,16 +252,40 @@ fn field<'a>(e: &'a Value, key: &str) -> &'a str {
 pub fn event(e: &Value) -> String {
     let ts = field(e, "ts");
     let kind = field(e, "event");
+    if kind == "dns" {
+        let answers: Vec<&str> = e
+            .get("answers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let why = match e.get("rule").and_then(Value::as_str) {
+            Some(rule) => format!("rule {rule}"),
+            None => field(e, "reason").to_owned(),
+        };
+        return format!(
+            "{ts} {:<5} {:<16} dns     {} {} {} -> {} [{}] {why}",
+            field(e, "verdict").to_uppercase(),
+            field(e, "agent"),
+            field(e, "transport"),
+            field(e, "qtype"),
+            field(e, "name").escape_debug(),
+            field(e, "rcode"),
+            answers.join(" "),
+        );
+    }
     if let Some(verdict) = e.get("verdict").and_then(Value::as_str) {
         let dst = match (e.get("dst_ip").and_then(Value::as_str), e.get("dst_port")) {
             (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
             (Some(ip), Some(port)) => format!("{ip}:{port}"),
             _ => "-".into(),
         };
-        let why = match e.get("rule").and_then(Value::as_str) {
+        let mut why = match e.get("rule").and_then(Value::as_str) {
             Some(rule) => format!("rule {rule}"),
             None => field(e, "reason").to_owned(),
         };
+        if let Some(host) = e.get("host").and_then(Value::as_str) {
+            let _ = write!(why, " (host {host})");
+        }
         let count = e.get("count").and_then(Value::as_u64).unwrap_or(1);
         return format!(
             "{ts} {:<5} {:<16} {:<7} {} {dst} pid {} ({}) uid {} {why}{}",

@@ -153,6 +153,15 @@ allow = [
     );
     let rec = dns_record(&env, "evil.test", "deny");
     assert_eq!(rec["agent"], "erp");
+    assert_eq!(rec["rcode"], "NXDOMAIN", "{rec}");
+    // Responders see it where they look for refusals.
+    let out = env.agentd(&["events", "--agent", "erp", "--verdict", "deny"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("DENY") && l.contains(" dns ") && l.contains("evil.test")),
+        "{text}"
+    );
     assert_eperm(&env.probe("erp", &["tcp", &evil.addr.to_string()]));
     assert!(evil.accepted(QUIET).is_empty());
 
