@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agentd_ebpf::ResolverPorts;
@@ -316,9 +316,4 @@ pub async fn sweep(state: Arc<State>) {
         let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
         learned.sweep(&mut maps);
     }
-}
-
-/// Milliseconds since `t`, for the audit log.
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }

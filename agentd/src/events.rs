@@ -95,11 +95,17 @@ fn protocol_name(p: u8) -> String {
 /// the same clock, taken from now.
 fn wall_time(mono_ns: u64) -> SystemTime {
     let now_wall = SystemTime::now();
-    let Ok(now) = clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) else {
+    let Some(now_ns) = kernel_now_ns() else {
         return now_wall;
     };
-    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     now_wall - Duration::from_nanos(now_ns.saturating_sub(mono_ns))
+}
+
+/// Now on `bpf_ktime_get_coarse_ns`'s clock (CLOCK_MONOTONIC_COARSE): the
+/// clock of event stamps and of learned addresses' expiries.
+pub fn kernel_now_ns() -> Option<u64> {
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).ok()?;
+    Some(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
 fn decode(bytes: &[u8]) -> Option<Event> {

@@ -122,13 +122,7 @@ impl PolicyMaps {
     }
 
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<()> {
-        match self.agents.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(e) => Err(map_err(map_names::AGENTS)(e)),
-        }
+        gone_is_fine(self.agents.remove(&cgroup_id), map_names::AGENTS)
     }
 
     /// Tells the programs attached to `cgroup_id` for `attach_type` which
@@ -169,13 +163,7 @@ impl PolicyMaps {
     }
 
     pub fn remove_learned(&mut self, key: &LearnedKey) -> Result<()> {
-        match self.learned.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(e) => Err(map_err(map_names::LEARNED)(e)),
-        }
+        gone_is_fine(self.learned.remove(key), map_names::LEARNED)
     }
 
     /// Where the agent's DNS is steered; all zero: not steered.
@@ -287,6 +275,15 @@ impl PolicyMaps {
         self.counters
             .set(agent_id, zero, 0)
             .map_err(map_err(map_names::COUNTERS))
+    }
+}
+
+/// A delete whose key was already gone did what was asked.
+fn gone_is_fine(result: std::result::Result<(), MapError>, map: &str) -> Result<()> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(map)(e)),
     }
 }
 

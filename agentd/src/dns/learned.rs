@@ -12,7 +12,6 @@ use std::{
 };
 
 use agentd_ebpf::{AF_INET, AF_INET6, LearnedKey, LearnedValue};
-use nix::time::{ClockId, clock_gettime};
 
 use crate::{
     config::HostRule,
@@ -34,11 +33,9 @@ const MAX_NAMES_PER_ADDR: usize = 64;
 /// (a connect decided just before expiry is logged just after).
 const RECENT: Duration = Duration::from_secs(120);
 
-/// `bpf_ktime_get_coarse_ns`'s clock, as the kernel compares expiries.
+/// Now on the clock the kernel compares expiries against.
 pub fn now_ns() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+    crate::events::kernel_now_ns().unwrap_or(0)
 }
 
 #[derive(Debug, Clone)]

@@ -10,7 +10,6 @@ use super::{
     HostRules,
     exchange::{self, Transport},
     learned::now_ns,
-    ms_since,
 };
 use crate::{
     config::{Mode, Refusal, host::normalize},
@@ -124,7 +123,7 @@ pub(super) async fn answer(
     };
     let finish = |mut record: DnsRecord<'_>, reply: &Message, result: &str| {
         record.rcode = rcode_name(reply.metadata.response_code);
-        record.took_ms = ms_since(started);
+        record.took_ms = started.elapsed().as_secs_f64() * 1e3;
         state.metrics.dns_query(agent, record.verdict, result);
         state.audit.record_now("dns", &record);
         encode(reply, &query, transport)

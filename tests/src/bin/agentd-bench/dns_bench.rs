@@ -9,7 +9,6 @@
 //! fresh UDP socket, connect, send, receive. Rounds alternate, with a
 //! rotating order; p50 and p99 over all queries of each variant.
 use std::{
-    fs,
     net::{SocketAddr, UdpSocket},
     path::Path,
     time::{Duration, Instant},
@@ -37,9 +36,8 @@ pub fn run() {
         upstream.addr
     ));
     env.start_daemon();
-    let plain = TestEnv::cgroup_mount().join(format!("{}-plain", env.cgroup_root));
-    fs::create_dir_all(&plain).expect("plain cgroup");
-    let _plain_guard = super::RemoveOnDrop(plain.clone());
+    let plain_guard = super::plain_cgroup(&env);
+    let plain = plain_guard.0.clone();
 
     let direct = upstream.addr.to_string();
     let variants = [

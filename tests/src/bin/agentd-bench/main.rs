@@ -260,9 +260,8 @@ fn connect_bench() {
     let setup = started.elapsed();
 
     // The uncontained variant: a cgroup at the same depth with no programs.
-    let plain = TestEnv::cgroup_mount().join(format!("{}-plain", env.cgroup_root));
-    fs::create_dir_all(&plain).expect("plain cgroup");
-    let _plain_guard = RemoveOnDrop(plain.clone());
+    let plain_guard = plain_cgroup(&env);
+    let plain = plain_guard.0.clone();
 
     let variants: [(&str, PathBuf); 3] = [
         ("uncontained", plain.clone()),
@@ -311,6 +310,14 @@ fn connect_bench() {
         listed["events_lost"]
     );
     drop(env);
+}
+
+/// A cgroup beside the test's agents with no programs attached (the
+/// uncontained variant), removed on drop.
+fn plain_cgroup(env: &TestEnv) -> RemoveOnDrop {
+    let plain = TestEnv::cgroup_mount().join(format!("{}-plain", env.cgroup_root));
+    fs::create_dir_all(&plain).expect("plain cgroup");
+    RemoveOnDrop(plain)
 }
 
 struct RemoveOnDrop(PathBuf);
