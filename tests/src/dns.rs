@@ -79,12 +79,26 @@ fn respond(zone: &Zone, bytes: &[u8]) -> Option<Vec<u8>> {
     reply.to_vec().ok()
 }
 
+/// A UDP socket and a TCP listener on the same free port. The kernel picks
+/// the UDP port; that port may be taken for TCP (another test's connection
+/// uses it as its local port), so try a bounded number of times.
+fn bind_pair(ip: &str) -> (UdpSocket, TcpListener, SocketAddr) {
+    let mut last = None;
+    for _ in 0..50 {
+        let udp = UdpSocket::bind((ip, 0)).expect("bind test dns (udp)");
+        let addr = udp.local_addr().expect("addr");
+        match TcpListener::bind(addr) {
+            Ok(tcp) => return (udp, tcp, addr),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no port free for both UDP and TCP on {ip} in 50 tries: {last:?}");
+}
+
 impl DnsServer {
     /// Serves `records` on `ip` (a free port).
     pub fn start(ip: &str, records: &[ZoneRecord]) -> Self {
-        let udp = UdpSocket::bind((ip, 0)).expect("bind test dns (udp)");
-        let addr = udp.local_addr().expect("addr");
-        let tcp = TcpListener::bind(addr).expect("bind test dns (tcp)");
+        let (udp, tcp, addr) = bind_pair(ip);
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
         tcp.set_nonblocking(true).expect("nonblocking");

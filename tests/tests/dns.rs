@@ -60,9 +60,11 @@ fn answers(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The audit record of an A query for `name`. glibc asks A and AAAA in
+/// parallel, so which of the two is logged first varies from run to run.
 fn dns_record(env: &TestEnv, name: &str, verdict: &str) -> Value {
-    env.wait_audit(&format!("dns {name} {verdict}"), |v| {
-        v["event"] == "dns" && v["name"] == name && v["verdict"] == verdict
+    env.wait_audit(&format!("dns {name} A {verdict}"), |v| {
+        v["event"] == "dns" && v["name"] == name && v["qtype"] == "A" && v["verdict"] == verdict
     })
 }
 
