@@ -102,6 +102,10 @@ pub async fn run(config: Config) -> Result<()> {
     let first_policy = live.iter().copied().max().unwrap_or(DENY_ALL_POLICY) + 1;
     let mut used_ids: HashSet<u32> = existing.values().map(|e| e.agent_id).collect();
 
+    // Names behind what agents learned before the restart (see dns::saved).
+    let saved = crate::dns::saved::Saved::load(&config.daemon.state_dir);
+    let mut learned = crate::dns::learned::Learned::default();
+
     let mut runtimes = Vec::with_capacity(config.agents.len());
     let mut adopted = 0usize;
     let mut next_policy = first_policy;
@@ -127,13 +131,36 @@ pub async fn run(config: Config) -> Result<()> {
             bpffs_dir: &bpffs_dir,
             cgroups: &cgroups,
         };
+        // Into the new generation before the agent points at it: an
+        // address it cached across the restart keeps working.
+        if let (Some(p), Some(names)) = (previous, saved.agents.get(&agent.name))
+            && !agent.hosts.is_empty()
+        {
+            let old = kernel.maps.learned_of(p.policy_id);
+            if let Err(e) = learned.restore(
+                kernel.maps,
+                &agent.name,
+                next_policy,
+                &agent.hosts,
+                names,
+                &old,
+            ) {
+                tracing::warn!(agent = %agent.name, error = %e, "learned addresses not restored; the agent re-resolves");
+            }
+        }
         let (runtime, was_adopted) =
             enforce::install(&mut kernel, agent, agent_id, next_policy, flags)?;
+        if runtime.cgroup_id == 0 {
+            // Not installed (a bound cgroup that is gone): nothing points
+            // at the generation, and what was written there is collected.
+            learned.forget(&agent.name);
+        }
         next_policy += 1;
         adopted += usize::from(was_adopted);
         runtimes.push(runtime);
     }
 
+    let restored: usize = runtimes.iter().map(|r| learned.count(&r.name)).sum();
     let (released, contained) =
         retire_removed_agents(&config, &cgroups, &mut maps, &existing, &runtimes)?;
 
@@ -156,7 +183,7 @@ pub async fn run(config: Config) -> Result<()> {
         retired: Mutex::new(contained),
         gc_due: Mutex::new(None),
         metrics: crate::metrics::Metrics::new(),
-        dns: crate::dns::Resolver::new(),
+        dns: crate::dns::Resolver::with_learned(learned),
     });
     let config = state.config();
     let agent_names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
@@ -169,6 +196,7 @@ pub async fn run(config: Config) -> Result<()> {
             "agents": agent_names,
             "adopted": adopted,
             "retired": retired_json,
+            "learned_restored": restored,
             "setup_ms": started.elapsed().as_secs_f64() * 1e3,
         }),
     );
@@ -227,6 +255,7 @@ pub async fn run(config: Config) -> Result<()> {
     // another local process could take them: agents' DNS is judged by
     // their rules again (denied unless allowed) until the next start.
     crate::dns::stop(&state);
+    crate::dns::save(&state);
     state.audit.record_now(
         "daemon_stop",
         serde_json::json!({"pid": std::process::id(), "enforcement": "kept (pinned)"}),

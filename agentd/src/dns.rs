@@ -27,6 +27,7 @@ pub mod exchange;
 pub mod learned;
 pub mod names;
 mod query;
+pub mod saved;
 
 use exchange::Transport;
 use learned::Learned;
@@ -79,9 +80,13 @@ impl Drop for Listeners {
 }
 
 pub struct Resolver {
-    /// Lock order: `learned`, then `State::agents`, then `State::maps`.
+    /// Lock order: `saving`, `learned`, then `State::agents`, then
+    /// `State::maps`.
     pub learned: Mutex<Learned>,
     listeners: Mutex<HashMap<String, Listeners>>,
+    /// Held while the learned names are snapshotted and written, so the
+    /// file always ends with the newest snapshot. Taken before `learned`.
+    saving: Mutex<()>,
     /// /etc/resolv.conf's nameservers, read at start.
     system_upstreams: Vec<SocketAddr>,
 }
@@ -94,9 +99,15 @@ impl Default for Resolver {
 
 impl Resolver {
     pub fn new() -> Self {
+        Self::with_learned(Learned::default())
+    }
+
+    /// A resolver that starts from what was restored at start-up.
+    pub fn with_learned(learned: Learned) -> Self {
         Self {
-            learned: Mutex::new(Learned::default()),
+            learned: Mutex::new(learned),
             listeners: Mutex::new(HashMap::new()),
+            saving: Mutex::new(()),
             system_upstreams: system_upstreams(),
         }
     }
@@ -307,13 +318,45 @@ async fn serve_tcp(listener: tokio::net::TcpListener, agent: String, state: Arc<
     }
 }
 
-/// Sweeps expired learned addresses until the daemon stops.
+/// Sweeps expired learned addresses until the daemon stops, and saves the
+/// names behind the rest when they changed (a daemon killed outright loses
+/// at most one period's worth: those agents re-resolve after its restart).
 pub async fn sweep(state: Arc<State>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
-        let mut learned = state.dns.learned();
-        let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
-        learned.sweep(&mut maps);
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _saving = state.dns.saving.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = {
+                let mut learned = state.dns.learned();
+                let mut maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
+                learned.sweep(&mut maps);
+                learned.changed()
+            };
+            if let Some(saved) = changed
+                && !write_saved(&state, &saved)
+            {
+                state.dns.learned().mark_unsaved();
+            }
+        })
+        .await;
+    }
+}
+
+/// Saves the names behind every learned address (the daemon is stopping).
+pub fn save(state: &State) {
+    let _saving = state.dns.saving.lock().unwrap_or_else(|p| p.into_inner());
+    let saved = state.dns.learned().saved();
+    write_saved(state, &saved);
+}
+
+fn write_saved(state: &State, saved: &saved::Saved) -> bool {
+    match saved.save(&state.config().daemon.state_dir) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "saving learned names failed; after a restart agents re-resolve");
+            false
+        }
     }
 }

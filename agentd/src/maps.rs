@@ -166,6 +166,16 @@ impl PolicyMaps {
         gone_is_fine(self.learned.remove(key), map_names::LEARNED)
     }
 
+    /// Generation `policy_id`'s learned entries (at start: what a previous
+    /// daemon allowed, the ground truth a restored name must agree with).
+    pub fn learned_of(&self, policy_id: u32) -> Vec<(LearnedKey, LearnedValue)> {
+        self.learned
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, _)| k.policy_id == policy_id)
+            .collect()
+    }
+
     /// Where the agent's DNS is steered; all zero: not steered.
     pub fn set_resolver(&mut self, agent_id: u32, ports: ResolverPorts) -> Result<()> {
         self.resolvers

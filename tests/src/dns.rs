@@ -22,6 +22,22 @@ use hickory_proto::{
 };
 use serde_json::{Value, json};
 
+/// Where the tests' agents believe their DNS server is (their resolv.conf
+/// names it): nothing listens there, only the kernel's steering answers.
+pub const STUB: &str = "127.0.0.153:53";
+
+/// The addresses in a `dns` probe's answer.
+pub fn answers(v: &Value) -> Vec<String> {
+    v["answers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One record the server holds: `(name, ttl, data)`; data is an address or
 /// `CNAME target`.
 pub type ZoneRecord = (&'static str, u32, &'static str);

@@ -10,11 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentd_tests::{dns::DnsServer, *};
+use agentd_tests::{
+    dns::{DnsServer, STUB, answers},
+    *,
+};
 use serde_json::Value;
 
-/// Where the agents believe their DNS server is: nothing listens there.
-const STUB: &str = "127.0.0.153:53";
 const NXDOMAIN: u64 = 3;
 const REFUSED: u64 = 5;
 
@@ -47,17 +48,6 @@ impl ResolverFiles {
         args.extend(op);
         env.probe(agent, &args)
     }
-}
-
-fn answers(v: &Value) -> Vec<String> {
-    v["answers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The audit record of an A query for `name`. glibc asks A and AAAA in

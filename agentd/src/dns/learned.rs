@@ -6,7 +6,7 @@
 //! ports and the latest expiry; the kernel checks that expiry itself, and
 //! the sweeper narrows or removes entries as single names expire.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -15,7 +15,10 @@ use agentd_ebpf::{AF_INET, AF_INET6, LearnedKey, LearnedValue};
 
 use crate::{
     config::HostRule,
-    dns::names::HostMatcher,
+    dns::{
+        names::HostMatcher,
+        saved::{Saved, SavedName},
+    },
     error::{Error, Result},
     maps::PolicyMaps,
     policy::{Access, MapEntries},
@@ -60,6 +63,32 @@ impl AgentLearned {
             policy_id,
             ..Self::default()
         }
+    }
+
+    /// This state re-judged by `hosts` and written under generation
+    /// `policy_id` (nothing points at it yet). Names no rule allows are
+    /// dropped; ports follow the rules.
+    fn rejudge(
+        &self,
+        maps: &mut PolicyMaps,
+        policy_id: u32,
+        hosts: &[HostRule],
+    ) -> Result<AgentLearned> {
+        let mut staged = AgentLearned::new(policy_id);
+        let matcher = HostMatcher::new(hosts);
+        for (addr, sources) in &self.addrs {
+            for s in sources {
+                let grants: Vec<(usize, Access)> = matcher
+                    .matching(&s.name)
+                    .into_iter()
+                    .map(|i| (i, Access::of(hosts[i].ports.as_deref(), hosts[i].protocol)))
+                    .collect();
+                staged.add(*addr, &s.name, &grants, s.expires_ns);
+            }
+            staged.write(maps, *addr)?;
+        }
+        staged.addrs.retain(|_, s| !s.is_empty());
+        Ok(staged)
     }
 
     fn key(&self, addr: IpAddr) -> LearnedKey {
@@ -140,12 +169,23 @@ impl AgentLearned {
     }
 }
 
+/// The address a kernel entry is for.
+fn addr_of(key: &LearnedKey) -> Option<IpAddr> {
+    match key.family {
+        AF_INET => Some(IpAddr::from(<[u8; 4]>::try_from(&key.addr[..4]).ok()?)),
+        AF_INET6 => Some(IpAddr::from(key.addr)),
+        _ => None,
+    }
+}
+
 /// Every agent's learned addresses.
 #[derive(Debug, Default)]
 pub struct Learned {
     agents: HashMap<String, AgentLearned>,
     /// (agent, address) -> names, for addresses that recently left the map.
     recent: HashMap<(String, IpAddr), (Vec<String>, Instant)>,
+    /// Changed since last saved (see `dns::saved`).
+    dirty: bool,
 }
 
 impl Learned {
@@ -179,6 +219,7 @@ impl Learned {
                 entry.addrs.len()
             )));
         }
+        self.dirty = true;
         for &(addr, expires_ns) in addrs {
             entry.add(addr, name, grants, expires_ns);
             entry.write(maps, addr)?;
@@ -197,6 +238,7 @@ impl Learned {
                 .filter(|(_, s)| s.iter().any(|s| s.expires_ns <= now))
                 .map(|(a, _)| *a)
                 .collect();
+            self.dirty |= !changed.is_empty();
             for addr in changed {
                 let Some(sources) = learned.addrs.get_mut(&addr) else {
                     continue;
@@ -228,35 +270,115 @@ impl Learned {
         policy_id: u32,
         hosts: &[HostRule],
     ) -> Result<AgentLearned> {
-        let mut staged = AgentLearned::new(policy_id);
-        let Some(current) = self.agents.get(agent) else {
-            return Ok(staged);
-        };
-        let matcher = HostMatcher::new(hosts);
-        for (addr, sources) in &current.addrs {
-            for s in sources {
-                let grants: Vec<(usize, Access)> = matcher
-                    .matching(&s.name)
-                    .into_iter()
-                    .map(|i| (i, Access::of(hosts[i].ports.as_deref(), hosts[i].protocol)))
-                    .collect();
-                staged.add(*addr, &s.name, &grants, s.expires_ns);
-            }
-            staged.write(maps, *addr)?;
+        match self.agents.get(agent) {
+            Some(current) => current.rejudge(maps, policy_id, hosts),
+            None => Ok(AgentLearned::new(policy_id)),
         }
-        staged.addrs.retain(|_, s| !s.is_empty());
-        Ok(staged)
     }
 
     /// Makes a staged set the agent's, once the agent points at its generation.
     pub fn commit(&mut self, agent: &str, staged: AgentLearned) {
         self.agents.insert(agent.to_owned(), staged);
+        self.dirty = true;
     }
 
     /// Forgets an agent (removed, or no hostname rules left). Its kernel
     /// entries go with its generation.
     pub fn forget(&mut self, agent: &str) {
-        self.agents.remove(agent);
+        self.dirty |= self.agents.remove(agent).is_some();
+    }
+
+    /// Carries what a previous daemon learned for `agent` into generation
+    /// `policy_id`, before the agent points at it. `names` come from the
+    /// saved file, `kernel` is the previous generation's entries: a name
+    /// is restored for an address only if the kernel still allows that
+    /// address, until the earlier of the two expiries, and only if the
+    /// agent's rules (`hosts`) still allow the name. On error nothing is
+    /// left in `policy_id`.
+    pub fn restore(
+        &mut self,
+        maps: &mut PolicyMaps,
+        agent: &str,
+        policy_id: u32,
+        hosts: &[HostRule],
+        names: &[SavedName],
+        kernel: &[(LearnedKey, LearnedValue)],
+    ) -> Result<()> {
+        let now = now_ns();
+        let allowed: HashMap<IpAddr, u64> = kernel
+            .iter()
+            .filter_map(|(k, v)| Some((addr_of(k)?, v.expires_ns)))
+            .collect();
+        let mut previous = AgentLearned::new(0);
+        for n in names.iter().take(MAX_PER_AGENT * MAX_NAMES_PER_ADDR) {
+            let Some(&until) = allowed.get(&n.addr) else {
+                continue;
+            };
+            let expires_ns = n.expires_ns.min(until);
+            if expires_ns > now {
+                previous.addrs.entry(n.addr).or_default().push(Source {
+                    name: n.name.clone(),
+                    rule: 0,
+                    access: Access::default(),
+                    expires_ns,
+                });
+            }
+        }
+        match previous.rejudge(maps, policy_id, hosts) {
+            Ok(staged) => {
+                self.commit(agent, staged);
+                Ok(())
+            }
+            Err(e) => {
+                for (key, _) in maps.learned_of(policy_id) {
+                    let _ = maps.remove_learned(&key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Every agent's names and addresses, if anything changed since the
+    /// last call (the sweeper saves them; see `dns::saved`).
+    pub fn changed(&mut self) -> Option<Saved> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        Some(self.saved())
+    }
+
+    /// The last [`Learned::changed`] could not be saved: try again next time.
+    pub fn mark_unsaved(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Every agent's names and addresses, as saved across a restart.
+    pub fn saved(&self) -> Saved {
+        let agents = self
+            .agents
+            .iter()
+            .map(|(agent, l)| {
+                // One claim per (address, name), whatever rules granted it:
+                // a restart re-judges the name against the rules of the day.
+                let mut claims: BTreeMap<(IpAddr, &str), u64> = BTreeMap::new();
+                for (addr, sources) in &l.addrs {
+                    for s in sources {
+                        let e = claims.entry((*addr, &s.name)).or_default();
+                        *e = (*e).max(s.expires_ns);
+                    }
+                }
+                let names = claims
+                    .into_iter()
+                    .map(|((addr, name), expires_ns)| SavedName {
+                        name: name.to_owned(),
+                        addr,
+                        expires_ns,
+                    })
+                    .collect();
+                (agent.clone(), names)
+            })
+            .collect();
+        Saved { agents }
     }
 
     /// The names `addr` was learned through for `agent`, live or recently
