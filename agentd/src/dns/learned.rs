@@ -425,3 +425,42 @@ impl Learned {
         self.agents.get(agent).map_or(0, |l| l.addrs.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_one_claim_per_address_and_name_and_only_when_changed() {
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let any = Access::default();
+        let mut agent = AgentLearned::new(7);
+        agent.add(
+            addr,
+            "crm.example.com",
+            &[(0, any.clone()), (2, any.clone())],
+            100,
+        );
+        agent.add(addr, "crm.example.com", &[(0, any.clone())], 300);
+        agent.add(addr, "alias.example.com", &[(1, any)], 50);
+        let mut learned = Learned::default();
+        assert!(learned.changed().is_none());
+        learned.commit("erp", agent);
+        let saved = learned.changed().expect("changed");
+        assert!(learned.changed().is_none(), "saved once per change");
+        let claim = |name: &str, expires_ns| SavedName {
+            name: name.into(),
+            addr,
+            expires_ns,
+        };
+        assert_eq!(
+            saved.agents["erp"],
+            vec![
+                claim("alias.example.com", 50),
+                claim("crm.example.com", 300)
+            ]
+        );
+        learned.mark_unsaved();
+        assert_eq!(learned.changed(), Some(saved));
+    }
+}
