@@ -193,6 +193,12 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
          attached to its cgroup; 0 otherwise.",
         &["agent"],
     );
+    let learned = gauge_vec(
+        "agentd_learned_addresses",
+        "Addresses the agent's hostname rules allow now, learned from answers agentd's \
+         resolver gave it.",
+        &["agent"],
+    );
     let lost = IntCounter::with_opts(Opts::new(
         "agentd_events_lost_total",
         "Decisions whose audit event did not fit in the ring buffer (counted in the kernel; \
@@ -200,6 +206,19 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
     ))
     .expect("valid metric");
 
+    // The learned lock is taken (and dropped) before the agents and maps
+    // locks, in the daemon's lock order.
+    let learned_counts = {
+        let l = state.dns.learned();
+        let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+        agents
+            .iter()
+            .map(|a| (a.name.clone(), l.count(&a.name)))
+            .collect::<Vec<_>>()
+    };
+    for (name, n) in &learned_counts {
+        learned.with_label_values(&[name]).set(*n as i64);
+    }
     let agents = state
         .agents
         .read()
@@ -249,6 +268,7 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
         Box::new(processes),
         Box::new(rules),
         Box::new(healthy),
+        Box::new(learned),
         Box::new(lost),
     ] {
         out.extend(c.collect());

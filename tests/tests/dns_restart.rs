@@ -45,6 +45,8 @@ fn learned_addresses_survive_a_daemon_restart() {
         ],
     );
     let mut env = TestEnv::new("dns_restart");
+    let metrics = format!("127.0.0.1:{}", scrape::free_loopback_port());
+    env.metrics_listen = metrics.clone();
     let config = |names: &[&str]| {
         let hosts: Vec<String> = names
             .iter()
@@ -67,6 +69,15 @@ fn learned_addresses_survive_a_daemon_restart() {
         resolve(&env, name);
     }
     assert_eq!(learned_count(&env), 3);
+    let s = scrape::Scrape::get(&metrics);
+    let erp = [("agent", "erp")];
+    assert_eq!(s.value("agentd_learned_addresses", &erp), Some(3.0));
+    let answered = [
+        ("agent", "erp"),
+        ("verdict", "allow"),
+        ("result", "answered"),
+    ];
+    assert_eq!(s.value("agentd_dns_queries_total", &answered), Some(3.0));
 
     // A clean stop. Someone adds a claim to the saved names for an address
     // no answer ever gave. api.test's rule leaves the config, and
@@ -88,6 +99,8 @@ fn learned_addresses_survive_a_daemon_restart() {
     });
     assert_eq!(start["learned_restored"], 1, "{start}");
     assert_eq!(learned_count(&env), 1);
+    let s = scrape::Scrape::get(&metrics);
+    assert_eq!(s.value("agentd_learned_addresses", &erp), Some(1.0));
     let asked = upstream.asked().len();
 
     // crm.test's address still works without asking again, named as before.

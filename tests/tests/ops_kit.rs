@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use agentd_tests::{scrape::*, *};
+use agentd_tests::{dns::STUB, scrape::*, *};
 use promql_parser::parser::{self, Expr};
 
 fn config_dir() -> PathBuf {
@@ -178,10 +178,16 @@ fn dashboard_and_rules_name_only_metrics_agentd_exports() {
     let mut env = TestEnv::new("ops_names");
     let addr = format!("127.0.0.1:{}", free_loopback_port());
     env.metrics_listen = addr.clone();
-    env.write_config("[[agent]]\nname = \"crm\"\nowner = \"crm-team\"\nallow = []\n");
+    // A hostname rule, so the agent has a resolver. The upstream is never
+    // asked: the one name queried below is refused.
+    env.write_config(
+        "[dns]\nupstream = [\"127.0.0.1:9\"]\n\n[[agent]]\nname = \"crm\"\nowner = \"crm-team\"\nallow = [ { host = \"crm.test\" } ]\n",
+    );
     env.start_daemon();
-    // Labelled series appear once something happened: a kill, a restore, a
-    // reload, a control request.
+    // Labelled series appear once something happened: a DNS query, a kill,
+    // a restore, a reload, a control request.
+    let v = env.probe("crm", &["dns", STUB, "other.test", "A", "udp"]);
+    assert_eq!(v["rcode"], 3, "refused as NXDOMAIN: {v}");
     for args in [
         &["kill", "crm", "--reason", "names test"][..],
         &["restore", "crm", "--reason", "names test"][..],
@@ -219,6 +225,8 @@ fn dashboard_and_rules_name_only_metrics_agentd_exports() {
         "agentd_kill_duration_seconds_bucket",
         "agentd_events_lost_total",
         "agentd_enforcement_healthy",
+        "agentd_dns_queries_total",
+        "agentd_learned_addresses",
     ] {
         assert!(
             used.contains(needed),
