@@ -188,9 +188,21 @@ pub fn status(s: &StatusReply) -> String {
     if s.rules.iter().any(|r| r.rule.starts_with("host ")) {
         let _ = writeln!(
             out,
-            "  ({} address(es) learned from allowed names, allowed until their TTL runs out)",
+            "\nlearned ({} address(es) from allowed names, each allowed until its TTL runs out):",
             s.learned_addresses
         );
+        for l in &s.learned {
+            let _ = writeln!(
+                out,
+                "  {:<32} {:<40} {}s left",
+                l.name,
+                l.addresses.join(", "),
+                l.expires_in_s
+            );
+        }
+        if s.learned.len() >= crate::views::MAX_LEARNED_LISTED {
+            let _ = writeln!(out, "  (the first {} names)", s.learned.len());
+        }
     }
     let _ = writeln!(out, "\nprocesses ({}):", s.processes_total);
     for p in &s.processes {

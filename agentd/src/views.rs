@@ -20,6 +20,8 @@ use crate::{
 
 /// Processes listed by `status` (the total is always given).
 pub const MAX_PROCESSES: usize = 256;
+/// Names listed with their learned addresses in `status`.
+pub const MAX_LEARNED_LISTED: usize = 100;
 /// Sessions listed by `status`, most recent first.
 pub const MAX_SESSIONS: usize = 50;
 /// Denied attempts shown by `status`.
@@ -137,6 +139,12 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
         .into_iter()
         .map(|(_, record)| record)
         .collect();
+    // One guard, dropped before the reply is built: a second lock of the
+    // same mutex within one expression would deadlock.
+    let (learned_addresses, learned) = {
+        let l = state.dns.learned();
+        (l.count(&a.name), l.listing(&a.name, MAX_LEARNED_LISTED))
+    };
     Ok(StatusReply {
         name: a.name.clone(),
         owner: a.owner.clone(),
@@ -160,7 +168,8 @@ pub fn status(state: &State, agent: &str) -> Result<StatusReply> {
             rules.sort_by_key(|r| r.line);
             rules
         },
-        learned_addresses: state.dns.learned().count(&a.name),
+        learned_addresses,
+        learned,
         counts,
         recent_denied,
     })

@@ -101,6 +101,23 @@ fn learned_addresses_survive_a_daemon_restart() {
     assert_eq!(learned_count(&env), 1);
     let s = scrape::Scrape::get(&metrics);
     assert_eq!(s.value("agentd_learned_addresses", &erp), Some(1.0));
+    // Responders see which name allows which address, and for how long.
+    let status = env.agentd_json(&["status", "erp"]);
+    let learned = status["learned"].as_array().expect("learned names");
+    assert_eq!(learned.len(), 1, "{status}");
+    assert_eq!(learned[0]["name"], "crm.test");
+    assert_eq!(learned[0]["addresses"], json!(["127.0.0.20"]));
+    assert!(
+        learned[0]["expires_in_s"]
+            .as_u64()
+            .is_some_and(|s| s > 0 && s <= 300)
+    );
+    let text = String::from_utf8_lossy(&env.agentd(&["status", "erp"]).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("crm.test") && l.contains("127.0.0.20") && l.contains("left")),
+        "{text}"
+    );
     let asked = upstream.asked().len();
 
     // crm.test's address still works without asking again, named as before.

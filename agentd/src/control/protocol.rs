@@ -133,6 +133,15 @@ pub struct RuleInfo {
     pub line: usize,
 }
 
+/// Addresses one allowed name resolved to, allowed now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LearnedInfo {
+    pub name: String,
+    pub addresses: Vec<String>,
+    /// Seconds until the last of them leaves the allow map.
+    pub expires_in_s: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReply {
     pub name: String,
@@ -153,6 +162,10 @@ pub struct StatusReply {
     /// rules and that are allowed now.
     #[serde(default)]
     pub learned_addresses: usize,
+    /// The names behind them, by name (at most
+    /// [`crate::views::MAX_LEARNED_LISTED`] listed).
+    #[serde(default)]
+    pub learned: Vec<LearnedInfo>,
     pub counts: Counts,
     /// The latest denied attempts from the audit log, oldest first, as
     /// `agentd events` prints them.

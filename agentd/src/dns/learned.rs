@@ -15,6 +15,7 @@ use agentd_ebpf::{AF_INET, AF_INET6, LearnedKey, LearnedValue};
 
 use crate::{
     config::HostRule,
+    control::LearnedInfo,
     dns::{
         names::HostMatcher,
         saved::{Saved, SavedName},
@@ -418,6 +419,37 @@ impl Learned {
                 }
             })
             .map(|s| (s.name.clone(), s.rule))
+    }
+
+    /// The agent's names with the addresses each allows now, by name, at
+    /// most `limit` of them (for `status`).
+    pub fn listing(&self, agent: &str, limit: usize) -> Vec<LearnedInfo> {
+        let Some(l) = self.agents.get(agent) else {
+            return Vec::new();
+        };
+        let now = now_ns();
+        let mut names: BTreeMap<&str, (Vec<IpAddr>, u64)> = BTreeMap::new();
+        for (addr, sources) in &l.addrs {
+            for s in sources.iter().filter(|s| s.expires_ns > now) {
+                let (addrs, until) = names.entry(&s.name).or_default();
+                if !addrs.contains(addr) {
+                    addrs.push(*addr);
+                }
+                *until = (*until).max(s.expires_ns);
+            }
+        }
+        names
+            .into_iter()
+            .take(limit)
+            .map(|(name, (mut addrs, until))| {
+                addrs.sort();
+                LearnedInfo {
+                    name: name.to_owned(),
+                    addresses: addrs.iter().map(IpAddr::to_string).collect(),
+                    expires_in_s: (until - now).div_ceil(1_000_000_000),
+                }
+            })
+            .collect()
     }
 
     /// Learned addresses per agent (for status and metrics).
