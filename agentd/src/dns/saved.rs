@@ -44,16 +44,14 @@ impl Saved {
     /// What the previous daemon saved; empty if nothing usable was.
     pub fn load(state_dir: &Path) -> Self {
         let path = path(state_dir);
+        let unusable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(path = %path.display(), error = %e, "learned names unreadable; agents with hostname rules re-resolve");
+            Self::default()
+        };
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "learned names unreadable; agents with hostname rules re-resolve");
-                Self::default()
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| unusable(&e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "learned names unreadable; agents with hostname rules re-resolve");
-                Self::default()
-            }
+            Err(e) => unusable(&e),
         }
     }
 
