@@ -59,6 +59,7 @@ pub struct CountsByProtocol {
     pub allowed: [u64; 3],
     pub denied: [u64; 3],
     pub audited: [u64; 3],
+    pub events_lost: u64,
 }
 
 impl PolicyMaps {
@@ -229,18 +230,13 @@ impl PolicyMaps {
 
     /// Summed over CPUs and protocols.
     pub fn counts(&self, agent_id: u32) -> Result<Counts> {
-        let values = self
-            .counters
-            .get(&agent_id, 0)
-            .map_err(map_err(map_names::COUNTERS))?;
-        let mut c = Counts::default();
-        for v in values.iter() {
-            c.allowed += v.allowed.iter().sum::<u64>();
-            c.denied += v.denied.iter().sum::<u64>();
-            c.audited += v.audited.iter().sum::<u64>();
-            c.events_lost += v.events_lost;
-        }
-        Ok(c)
+        let c = self.counts_by_protocol(agent_id)?;
+        Ok(Counts {
+            allowed: c.allowed.iter().sum(),
+            denied: c.denied.iter().sum(),
+            audited: c.audited.iter().sum(),
+            events_lost: c.events_lost,
+        })
     }
 
     /// Summed over CPUs, by protocol (tcp, udp, other).
@@ -256,6 +252,7 @@ impl PolicyMaps {
                 c.denied[p] += v.denied[p];
                 c.audited[p] += v.audited[p];
             }
+            c.events_lost += v.events_lost;
         }
         Ok(c)
     }
