@@ -105,6 +105,11 @@ pub async fn run(config: Config) -> Result<()> {
     // Names behind what agents learned before the restart (see dns::saved).
     let saved = crate::dns::saved::Saved::load(&config.daemon.state_dir);
     let mut learned = crate::dns::learned::Learned::default();
+    let previously_learned = if saved.agents.is_empty() {
+        HashMap::new()
+    } else {
+        maps.learned_by_generation()
+    };
 
     let mut runtimes = Vec::with_capacity(config.agents.len());
     let mut adopted = 0usize;
@@ -136,14 +141,16 @@ pub async fn run(config: Config) -> Result<()> {
         if let (Some(p), Some(names)) = (previous, saved.agents.get(&agent.name))
             && !agent.hosts.is_empty()
         {
-            let old = kernel.maps.learned_of(p.policy_id);
+            let old = previously_learned
+                .get(&p.policy_id)
+                .map_or(&[][..], Vec::as_slice);
             if let Err(e) = learned.restore(
                 kernel.maps,
                 &agent.name,
                 next_policy,
                 &agent.hosts,
                 names,
-                &old,
+                old,
             ) {
                 tracing::warn!(agent = %agent.name, error = %e, "learned addresses not restored; the agent re-resolves");
             }

@@ -167,14 +167,15 @@ impl PolicyMaps {
         gone_is_fine(self.learned.remove(key), map_names::LEARNED)
     }
 
-    /// Generation `policy_id`'s learned entries (at start: what a previous
-    /// daemon allowed, the ground truth a restored name must agree with).
-    pub fn learned_of(&self, policy_id: u32) -> Vec<(LearnedKey, LearnedValue)> {
-        self.learned
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(k, _)| k.policy_id == policy_id)
-            .collect()
+    /// Every learned entry, by generation (at start: what a previous daemon
+    /// allowed, the ground truth a restored name must agree with). One walk
+    /// of the map, however many agents there are.
+    pub fn learned_by_generation(&self) -> StdHashMap<u32, Vec<(LearnedKey, LearnedValue)>> {
+        let mut by: StdHashMap<u32, Vec<_>> = StdHashMap::new();
+        for (k, v) in self.learned.iter().filter_map(|e| e.ok()) {
+            by.entry(k.policy_id).or_default().push((k, v));
+        }
+        by
     }
 
     /// Where the agent's DNS is steered; all zero: not steered.

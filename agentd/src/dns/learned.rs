@@ -331,8 +331,9 @@ impl Learned {
                 Ok(())
             }
             Err(e) => {
-                for (key, _) in maps.learned_of(policy_id) {
-                    let _ = maps.remove_learned(&key);
+                let written = AgentLearned::new(policy_id);
+                for addr in previous.addrs.keys() {
+                    let _ = maps.remove_learned(&written.key(*addr));
                 }
                 Err(e)
             }
