@@ -208,22 +208,20 @@ fn kernel_families(state: &State) -> Vec<MetricFamily> {
 
     // The learned lock is taken (and dropped) before the agents and maps
     // locks, in the daemon's lock order.
-    let learned_counts = {
+    let agents = {
         let l = state.dns.learned();
-        let agents = state.agents.read().unwrap_or_else(|p| p.into_inner());
+        let agents = state
+            .agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for a in &agents {
+            learned
+                .with_label_values(&[a.name.as_str()])
+                .set(l.count(&a.name) as i64);
+        }
         agents
-            .iter()
-            .map(|a| (a.name.clone(), l.count(&a.name)))
-            .collect::<Vec<_>>()
     };
-    for (name, n) in &learned_counts {
-        learned.with_label_values(&[name]).set(*n as i64);
-    }
-    let agents = state
-        .agents
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
     let bpffs_dir = state.config().daemon.bpffs_dir.clone();
     let maps = state.maps.lock().unwrap_or_else(|p| p.into_inner());
     for a in &agents {
